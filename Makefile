@@ -1,0 +1,50 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create .venv, install system libraries they need when allowed, and the package.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch installs in seconds; any torch >= 2.3 works (CUDA builds too).
+TORCH  ?= torch==2.13.0
+DEMO_DATA ?= demo-data
+DEMO_RUN  ?= demo-run
+# Run a system command as root when we are root or may sudo; otherwise say what is missing.
+ASROOT := $(shell if [ "$$(id -u)" = 0 ]; then echo; elif sudo -n true 2>/dev/null; then echo sudo -n; else echo false; fi)
+
+.PHONY: demo test bench sysdeps testdeps install clean
+
+demo: install
+	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/alexnetd fake-data $(DEMO_DATA) --classes 10 --train-per-class 64 --val-per-class 16
+	$(BIN)/alexnetd demo --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
+
+test: install testdeps
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/pip install -q -e '.[dev,dali]'
+	$(BIN)/python bench/input.py
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml | sysdeps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { $(ASROOT) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install -q '$(TORCH)' || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# libjpeg-turbo's TurboJPEG library, which PyTurboJPEG loads at run time.
+sysdeps:
+	@ldconfig -p | grep -q libturbojpeg || { \
+	  echo "installing libturbojpeg0 (the TurboJPEG library PyTurboJPEG loads)"; \
+	  $(ASROOT) apt-get update -qq && $(ASROOT) apt-get install -y -qq libturbojpeg0 >/dev/null; } || { \
+	  echo "alexnetd needs the TurboJPEG library: install libturbojpeg0 (Debian/Ubuntu) as root"; exit 1; }
+
+# A real Prometheus (promtool) and docker-compose for the deploy tests; the tests
+# skip with a reason where these cannot be installed.
+testdeps:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  $(ASROOT) apt-get update -qq && $(ASROOT) apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; } || \
+	  echo "note: prometheus/docker-compose not installed; their tests will be skipped"
+
+clean:
+	rm -rf $(VENV) $(DEMO_RUN) build *.egg-info
