@@ -1,0 +1,510 @@
+"""Writing the prepared format: tar shards, their index, the pixel statistics, the manifest.
+
+A prepared dataset is one directory:
+
+    manifest.json          format, version, counts, shard list with sizes, fingerprint
+    classes.json           [{"wnid": ..., "name": ...}, ...]; list position = label
+    mean.npy               float32 (S, S, 3) RGB per-pixel mean over the training images
+    rgb_eig.json           eigenvalues/eigenvectors of the 3x3 RGB pixel covariance (0..255)
+    train.index.npy        INDEX_DTYPE, one row per sample, in shard order
+    train/train-000000.tar ...
+    val.index.npy, val/val-000000.tar ...   (when there is a validation split)
+
+Each shard is a plain POSIX (ustar) tar in WebDataset naming: sample `key` is the member
+`key.jpg` (an S×S RGB JPEG) followed by `key.cls` (the label in ASCII decimal), so
+`webdataset.WebDataset("train/train-{000000..000003}.tar")` reads it unchanged. The
+index row of a sample points at the first byte of its .jpg member's data, so a reader
+fetches one image with a single `os.pread` and never parses tar headers.
+
+Shards are byte-for-byte reproducible: every header has mtime 0, uid/gid 0, no user
+names, mode 0644, and nothing in any file depends on the clock or the host.
+
+Nothing here is visible until `PreparedWriter.commit()`: the tree is built in a sibling
+`OUT.tmp-<pid>` directory and renamed into place, so a crash leaves no half dataset
+under the name a user asked for.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INDEX_DTYPE",
+    "PixelStats",
+    "JpegCodec",
+    "ShardWriter",
+    "PreparedWriter",
+    "KeyMaker",
+    "fingerprint",
+    "parse_size",
+    "temp_dir_for",
+    "remove_stale_temp_dirs",
+    "replace_dir",
+]
+
+FORMAT = "alexnetd-prepared"
+FORMAT_VERSION = 1
+
+# One row per sample. Packed (no padding): 20 bytes a sample, 25 MB for ImageNet's train set.
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("label", "<i4")])
+
+_BLOCK = 512
+# A ustar name is at most 100 bytes; keep keys well inside it (".jpg" and ".cls" follow).
+_MAX_KEY = 80
+
+
+# -- pixel statistics ------------------------------------------------------------------
+
+
+class PixelStats:
+    """Exact running sums for the per-pixel mean image and the RGB covariance.
+
+    Integer sums make the result independent of the order partial sums are combined
+    in, so 1 worker and 16 workers write byte-identical `mean.npy` and `rgb_eig.json`.
+    Bounds: ImageNet's 1.28 M images × 255 per pixel, and 8e10 pixels × 255² in the
+    second moments, both stay far below 2**63.
+
+    Cost per 256×256 image, the reason for its shape: the per-position sum is staged in
+    uint16 (257 × 255 = 65535 fits) and folded into int64 every 257 images, 4× cheaper
+    than adding into int64 each time; Σx over all pixels is never summed per image, it
+    is the per-position sum summed at the end; Σxxᵀ is one float64 BLAS product.
+    """
+
+    _STAGE = 257  # images a uint16 per-position sum can hold exactly
+
+    def __init__(self, size: int):
+        self.size = size
+        self.images = 0
+        self._pixel_sum = np.zeros((size, size, 3), np.int64)  # Σ x per pixel position
+        self._stage = np.zeros((size, size, 3), np.uint16)
+        self._staged = 0
+        self.rgb_outer = np.zeros((3, 3), np.int64)  # Σ x xᵀ over all pixels
+
+    def add_image(self, image: np.ndarray) -> None:
+        assert image.shape == (self.size, self.size, 3) and image.dtype == np.uint8, image.shape
+        np.add(self._stage, image, out=self._stage)
+        self._staged += 1
+        if self._staged == self._STAGE:
+            self._fold()
+        self.images += 1
+        pixels = image.reshape(-1, 3).astype(np.float64)
+        # float64 BLAS is exact here: every product and partial sum is an integer < 2**53.
+        self.rgb_outer += np.rint(pixels.T @ pixels).astype(np.int64)
+
+    def add_sums(self, images: int, pixel_sum: np.ndarray, rgb_outer: np.ndarray) -> None:
+        """Add another accumulator's `sums()` (as a worker process sends them)."""
+        self.images += images
+        self._pixel_sum += pixel_sum
+        self.rgb_outer += rgb_outer
+
+    def sums(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(images, per-position sum, Σxxᵀ); the per-position sum in the smallest dtype
+        that holds it exactly, to keep what crosses a pipe small."""
+        pixel_sum = self.pixel_sum
+        if self.images * 255 < 2**32:
+            pixel_sum = pixel_sum.astype(np.uint32)
+        return self.images, pixel_sum, self.rgb_outer.copy()
+
+    def merge(self, other: "PixelStats") -> None:
+        assert other.size == self.size
+        self.add_sums(*other.sums())
+
+    @property
+    def pixel_sum(self) -> np.ndarray:
+        self._fold()
+        return self._pixel_sum
+
+    @property
+    def rgb_sum(self) -> np.ndarray:
+        """Σ x over all pixels (3,)."""
+        return self.pixel_sum.sum(axis=(0, 1))
+
+    def _fold(self) -> None:
+        if self._staged:
+            self._pixel_sum += self._stage
+            self._stage.fill(0)
+            self._staged = 0
+
+    def mean_image(self) -> np.ndarray:
+        if not self.images:
+            raise ValueError("no images were added")
+        return (self.pixel_sum / self.images).astype(np.float32)
+
+    def mean_rgb(self) -> np.ndarray:
+        return self.rgb_sum / (self.images * self.size * self.size)
+
+    def covariance(self) -> np.ndarray:
+        """The 3×3 covariance of all pixel values (population form, 0..255 scale)."""
+        n = self.images * self.size * self.size
+        if not n:
+            raise ValueError("no images were added")
+        mean = self.rgb_sum / n
+        return self.rgb_outer / n - np.outer(mean, mean)
+
+    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigvals (3,), eigvecs (3,3) with eigenvectors as columns), largest first."""
+        return eigen_decomposition(self.covariance())
+
+
+def eigen_decomposition(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """eigh, sorted largest first, each eigenvector's sign fixed (components sum >= 0)
+    so the stored file does not depend on the LAPACK build."""
+    eigvals, eigvecs = np.linalg.eigh(covariance)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    signs = np.where(eigvecs.sum(axis=0) < 0, -1.0, 1.0)
+    return eigvals, eigvecs * signs
+
+
+# -- encoding --------------------------------------------------------------------------
+
+
+class JpegCodec:
+    """Encode an S×S RGB image for a shard, and count the pixels the trainer will see.
+
+    The statistics are taken from the *decoded stored JPEG*, not from the pixels
+    before encoding: the mean image the trainer subtracts is then the mean of exactly
+    what it reads back. Shared by `prepare` and `fake-data` so both compute it the same way.
+    """
+
+    def __init__(self, quality: int = 90):
+        from turbojpeg import TJPF_RGB, TJSAMP_420
+
+        from alexnetd.pipeline.jpeg import Decoder
+
+        self.quality = quality
+        self.decoder = Decoder()
+        self._turbo = self.decoder.turbo
+        self._pf, self._subsample = TJPF_RGB, TJSAMP_420
+
+    def encode(self, image: np.ndarray, stats: PixelStats | None = None) -> bytes:
+        data = self._turbo.encode(
+            np.ascontiguousarray(image), quality=self.quality, pixel_format=self._pf, jpeg_subsample=self._subsample
+        )
+        if stats is not None:
+            stats.add_image(self.decoder.decode_rgb(data))
+        return data
+
+
+# -- tar shards ------------------------------------------------------------------------
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+    assert len(header) == _BLOCK
+    return header
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % _BLOCK)
+
+
+class KeyMaker:
+    """WebDataset sample keys: unique within a split, no dots (WebDataset splits the
+    member name at the first dot), only [A-Za-z0-9_-], short enough for a ustar name.
+    ImageNet's own names ("n01440764_10026") pass through unchanged."""
+
+    _bad = re.compile(r"[^A-Za-z0-9_-]")
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def make(self, stem: str, class_id: str) -> str:
+        key = self._clean(stem)
+        if key in self.used:
+            key = self._clean(f"{class_id}_{stem}")
+        base, n = key, 1
+        while key in self.used:
+            suffix = f"_{n}"
+            key = base[: _MAX_KEY - len(suffix)] + suffix
+            n += 1
+        self.used.add(key)
+        return key
+
+    def _clean(self, text: str) -> str:
+        key = self._bad.sub("_", text)[:_MAX_KEY]
+        return key or "_"
+
+
+class ShardWriter:
+    """Appends samples to `<dir>/<split>-NNNNNN.tar`, starting a new shard when the
+    next sample would take the current one past `max_bytes` or `max_count`."""
+
+    def __init__(self, directory: Path, split: str, max_bytes: int | None = None, max_count: int | None = None):
+        self.directory = Path(directory)
+        self.split = split
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []  # {"name", "bytes", "count"} of closed shards
+        # Index columns as typed arrays: 20 bytes a sample, not a Python tuple's ~100.
+        self._columns = {name: array.array(code) for name, code in
+                         (("shard", "I"), ("offset", "Q"), ("length", "I"), ("label", "i"))}
+        self._file = None
+        self._size = 0
+        self._count = 0
+
+    def add(self, key: str, data: bytes, label: int) -> None:
+        cls = str(label).encode()
+        need = 2 * _BLOCK + len(data) + len(_padding(len(data))) + len(cls) + len(_padding(len(cls)))
+        if self._file is not None and self._count and (
+            (self.max_bytes is not None and self._size + need + 2 * _BLOCK > self.max_bytes)
+            or (self.max_count is not None and self._count >= self.max_count)
+        ):
+            self._close_shard()
+        if self._file is None:
+            self._open_shard()
+        header = _tar_header(f"{key}.jpg", len(data))
+        self._file.write(header)
+        offset = self._size + len(header)
+        self._file.write(data)
+        self._file.write(_padding(len(data)))
+        self._file.write(_tar_header(f"{key}.cls", len(cls)))
+        self._file.write(cls)
+        self._file.write(_padding(len(cls)))
+        for name, value in (("shard", len(self.shards)), ("offset", offset), ("length", len(data)), ("label", label)):
+            self._columns[name].append(value)
+        self._size += need
+        self._count += 1
+
+    def close(self) -> np.ndarray:
+        """Finish the last shard; returns the index (INDEX_DTYPE) of every sample written."""
+        if self._file is not None:
+            self._close_shard()
+        index = np.zeros(len(self._columns["shard"]), INDEX_DTYPE)
+        for name, column in self._columns.items():
+            index[name] = np.frombuffer(column, dtype=column.typecode) if len(column) else 0
+        return index
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _name(self) -> str:
+        return f"{self.split}-{len(self.shards):06d}.tar"
+
+    def _open_shard(self) -> None:
+        self._file = open(self.directory / self._name(), "wb", buffering=1 << 20)
+        self._size = 0
+        self._count = 0
+
+    def _close_shard(self) -> None:
+        self._file.write(b"\0" * (2 * _BLOCK))  # end-of-archive marker
+        self._size += 2 * _BLOCK
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append({"name": f"{self.split}/{self._name()}", "bytes": self._size, "count": self._count})
+
+
+# -- the whole directory ---------------------------------------------------------------
+
+
+def fingerprint(root: Path, manifest_splits: dict) -> str:
+    """sha256 over classes.json, each split's index file, and its shard names and sizes."""
+    h = hashlib.sha256()
+    h.update(f"{FORMAT}/{FORMAT_VERSION}\n".encode())
+    h.update((root / "classes.json").read_bytes())
+    for split in sorted(manifest_splits):
+        info = manifest_splits[split]
+        h.update(f"\n{split}\n".encode())
+        h.update((root / info["index"]).read_bytes())
+        for shard in info["shards"]:
+            h.update(f"{shard['name']} {shard['bytes']}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+class PreparedWriter:
+    """Builds a prepared dataset in a temp dir next to `out`; `commit()` renames it in.
+
+        with PreparedWriter(out, classes, names, size=256) as w:
+            w.begin("train", max_bytes=256 << 20)
+            w.add(key, jpeg_bytes, label)  ...
+            w.stats.merge(partial)         # PixelStats over the training images
+            w.end()
+            w.commit(extra={...})
+
+    Leaving the `with` block without `commit()` (an exception, Ctrl-C, SIGTERM turned
+    into SystemExit) removes the temp dir.
+    """
+
+    def __init__(self, out: Path, classes: list[str], class_names: list[str], size: int = 256, force: bool = False):
+        self.out = Path(out)
+        self.classes = list(classes)
+        self.class_names = list(class_names)
+        self.size = size
+        self.force = force
+        self.stats = PixelStats(size)
+        self.tmp = temp_dir_for(self.out)
+        self.splits: dict[str, dict] = {}
+        self._writer: ShardWriter | None = None
+        self._keys: KeyMaker | None = None
+        self._committed = False
+
+    def __enter__(self) -> "PreparedWriter":
+        remove_stale_temp_dirs(self.out)
+        self.tmp.mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        if not self._committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def begin(self, split: str, max_bytes: int | None = None, max_count: int | None = None) -> None:
+        assert self._writer is None
+        self._writer = ShardWriter(self.tmp / split, split, max_bytes=max_bytes, max_count=max_count)
+        self._keys = KeyMaker()
+        self._split = split
+
+    def key(self, stem: str, class_id: str) -> str:
+        return self._keys.make(stem, class_id)
+
+    def add(self, key: str, data: bytes, label: int) -> None:
+        self._writer.add(key, data, label)
+
+    def end(self) -> None:
+        """Finish the split. A split left with no samples (every validation image was
+        undecodable) is dropped rather than written empty."""
+        index = self._writer.close()
+        split = self._split
+        if not len(index) and split != "train":
+            shutil.rmtree(self.tmp / split, ignore_errors=True)
+            self._writer = None
+            return
+        index_name = f"{split}.index.npy"
+        np.save(self.tmp / index_name, index, allow_pickle=False)
+        shards = self._writer.shards
+        self.splits[split] = {
+            "count": int(len(index)),
+            "bytes": int(sum(s["bytes"] for s in shards)),
+            "index": index_name,
+            "shards": shards,
+            "urls": f"{split}/{split}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else None,
+        }
+        self._writer = None
+
+    def commit(self, extra: dict | None = None) -> Path:
+        """Write classes, statistics and the manifest (last), then rename into place."""
+        assert self._writer is None and "train" in self.splits
+        classes = [{"wnid": c, "name": n} for c, n in zip(self.classes, self.class_names)]
+        _write_json(self.tmp / "classes.json", classes)
+        np.save(self.tmp / "mean.npy", self.stats.mean_image(), allow_pickle=False)
+        eigvals, eigvecs = self.stats.eigen()
+        _write_json(
+            self.tmp / "rgb_eig.json",
+            {
+                "eigvals": eigvals.tolist(),
+                "eigvecs": eigvecs.tolist(),  # eigvecs[i][j]: component i of eigenvector j
+                "covariance": self.stats.covariance().tolist(),
+                "mean_rgb": self.stats.mean_rgb().tolist(),
+                "images": self.stats.images,
+            },
+        )
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "image_size": self.size,
+            "classes": len(self.classes),
+            "splits": self.splits,
+            "fingerprint": fingerprint(self.tmp, self.splits),
+        }
+        manifest.update(extra or {})
+        _write_json(self.tmp / "manifest.json", manifest)
+        _fsync_dir(self.tmp)
+        replace_dir(self.tmp, self.out, self.force)
+        self._committed = True
+        return self.out
+
+
+# -- temp dirs and the final rename ----------------------------------------------------
+
+
+def temp_dir_for(out: Path) -> Path:
+    return out.parent / f"{out.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_temp_dirs(out: Path) -> None:
+    """Remove `OUT.tmp-<pid>` dirs left by a run that crashed (its pid is gone).
+    `OUT.old-<pid>` dirs are left alone: after a crash mid-swap one may be the only copy."""
+    pattern = re.compile(re.escape(out.name) + r"\.tmp-(\d+)$")
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Rename `tmp` to `out`; with `force`, an existing `out` is moved aside first and
+    removed only once the new tree is in place."""
+    old = None
+    if out.exists() and force:
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)  # fails (ENOTEMPTY/EEXIST) if `out` appeared meanwhile
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'256M', '64MB', '1.5G', '1000000' → bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 256M, 1G, 500000)")
+    value = float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
