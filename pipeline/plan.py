@@ -94,14 +94,38 @@ class TrainDraws:
 
 def train_draws(seed: int, epoch: int, indices: np.ndarray) -> TrainDraws:
     """Crop, flip and lighting of each sample: a function of (seed, epoch, sample index)
-    only, never of which batch, augmenter or process handles the sample."""
-    n = len(indices)
-    crops = np.empty((n, 2), np.int16)
-    flips = np.empty(n, np.uint8)
-    alphas = np.empty((n, 3), np.float32)
-    for i, index in enumerate(indices):
-        rng = np.random.default_rng([seed, epoch, int(index), 0xA6])
-        crops[i] = rng.integers(0, MAX_OFFSET + 1, size=2)
-        flips[i] = rng.random() < 0.5
-        alphas[i] = rng.normal(0.0, LIGHTING_STD, size=3)
-    return TrainDraws(crops, flips, alphas)
+    only, never of which batch, augmenter or process handles the sample.
+
+    Counter-based: each draw is a SplitMix64 hash of (seed, epoch, index, draw number),
+    computed for the whole batch at once. (A numpy Generator per sample costs ~40 us,
+    5 ms per batch of 128, a few per cent of an augmenter's time.)"""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        return _draws(seed, epoch, np.asarray(indices, np.uint64))
+
+
+def _draws(seed: int, epoch: int, idx: np.ndarray) -> TrainDraws:
+    key = _mix(np.uint64(seed) * _GOLDEN + np.uint64(epoch) * _EPOCH_STEP) ^ _mix(idx + _INDEX_OFFSET)
+    words = [_mix(key + np.uint64(d) * _GOLDEN) for d in range(7)]
+    uniform = [(w >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) for w in words]
+    crops = np.stack([(words[0] % np.uint64(MAX_OFFSET + 1)), (words[1] % np.uint64(MAX_OFFSET + 1))], 1)
+    flips = (uniform[2] < 0.5).astype(np.uint8)
+    # Box-Muller: three standard normals from pairs of uniforms (1 - u keeps log() finite).
+    radius = [np.sqrt(-2.0 * np.log(1.0 - uniform[3])), np.sqrt(-2.0 * np.log(1.0 - uniform[5]))]
+    normals = np.stack([radius[0] * np.cos(2 * np.pi * uniform[4]),
+                        radius[0] * np.sin(2 * np.pi * uniform[4]),
+                        radius[1] * np.cos(2 * np.pi * uniform[6])], 1)
+    return TrainDraws(crops.astype(np.int16), flips, (LIGHTING_STD * normals).astype(np.float32))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_EPOCH_STEP = np.uint64(0xD1B54A32D192ED03)
+_INDEX_OFFSET = np.uint64(0x632BE59BD9B4E019)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixed hash of 64-bit words."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(z, np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

@@ -106,8 +106,9 @@ def recv(sock: zmq.Socket, flags: int = 0) -> Message:
     return decode(sock.recv_multipart(flags=flags, copy=False))
 
 
-def _bytes(frame) -> bytes | memoryview:
-    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+def _bytes(frame) -> memoryview:
+    """A flat byte view of a frame: zmq.Frame, bytes, or an array (in-process round trips)."""
+    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame).cast("B")
 
 
 def _array(spec, frame) -> np.ndarray:

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -7,12 +8,16 @@ import zmq
 from alexnetd.pipeline import wire
 
 
+_endpoints = itertools.count()
+
+
 @pytest.fixture
 def pair():
     ctx = zmq.Context.instance()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    a.bind("inproc://wire-test")
-    b.connect("inproc://wire-test")
+    endpoint = f"inproc://wire-test-{next(_endpoints)}"
+    a.bind(endpoint)
+    b.connect(endpoint)
     yield a, b
     a.close(linger=0)
     b.close(linger=0)

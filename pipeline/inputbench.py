@@ -1,0 +1,123 @@
+"""How fast can the input pipeline go on this machine? (`alexnetd bench-input`)
+
+Runs the real loader and augmenters and the feed, with a trainer that discards each
+batch (or, with `simulate_step_ms`, sleeps that long per batch without using the CPU,
+as a GPU step would), and measures in the same run the bare-decode ceiling: libjpeg-
+turbo decoding the same files from memory, one process per augmenter, nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.jpeg import Decoder, SkipSample
+from alexnetd.pipeline.launch import InputPipeline, spawn_context
+from alexnetd.pipeline.stage import STAGES, StageClock
+
+__all__ = ["bench_input", "decode_ceiling"]
+
+WARMUP_BATCHES = 3
+CEILING_SAMPLES = 256
+
+
+def _decode_for(data: str, seconds: float, offset: int) -> int:
+    """One ceiling process: decode a fixed set of in-memory JPEGs for `seconds`."""
+    split = open_dataset(data).split("train")
+    count = min(CEILING_SAMPLES, len(split))
+    blobs = [split.read((offset + i) % len(split)) for i in range(count)]
+    decoder = Decoder(fast=True)
+    done, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            if split.needs_resize:
+                decoder.decode_square(blobs[done % count])
+            else:
+                decoder.decode_rgb(blobs[done % count])
+        except SkipSample:
+            pass
+        done += 1
+    return done
+
+
+def decode_ceiling(data: str, processes: int, seconds: float = 3.0) -> float:
+    """Images per second that bare decoding reaches with `processes` processes."""
+    with spawn_context.Pool(processes) as pool:
+        start = time.perf_counter()
+        counts = pool.starmap(_decode_for, [(str(data), seconds, i * 97) for i in range(processes)])
+        elapsed = time.perf_counter() - start
+    # Each process ran `seconds` of decoding; pool start-up is not decode time.
+    return sum(counts) / min(seconds, elapsed)
+
+
+def _shares(delta: dict) -> dict:
+    total = delta["busy"] + delta["starved"] + delta["blocked"]
+    if total <= 0:
+        return {"busy": 0.0, "starved": 0.0, "blocked": 0.0}
+    return {k: round(delta[k] / total, 4) for k in ("busy", "starved", "blocked")}
+
+
+def _stage_totals(pipe: InputPipeline, trainer: StageClock) -> dict:
+    totals = {stage: {"busy": 0.0, "starved": 0.0, "blocked": 0.0, "images": 0} for stage in STAGES}
+    for (stage, _index), beat in pipe.poll_beats().items():
+        for key in totals[stage]:
+            totals[stage][key] += beat["counters"][key]
+    for stage, clock in (("copier", pipe.feed.clock), ("trainer", trainer)):
+        counters = clock.counters()
+        for key in totals[stage]:
+            totals[stage][key] += counters[key]
+    return totals
+
+
+def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None, batch: int = 128,
+                augmenters: int | None = None, slots: int | None = None,
+                simulate_step_ms: float = 0.0, ceiling: bool = True, seed: int = 0) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    trainer = StageClock()
+    with InputPipeline(data, run_dir, batch=batch, augmenters=augmenters, slots=slots, seed=seed,
+                       val_every=0) as pipe:
+        n_augmenters = pipe.n_augmenters
+        for _ in range(WARMUP_BATCHES):  # start-up (spawn, imports, first reads) is not throughput
+            warm = pipe.feed.next_batch(timeout_ms=120_000)
+            if warm is None:
+                raise RuntimeError("the input pipeline delivered nothing in 120 s")
+            pipe.feed.release(warm)
+        # No pause here: during one the ring would fill and its batches would be counted
+        # as if made in the window. The shares' start point may be one beat (0.5 s) old.
+        before = _stage_totals(pipe, trainer)
+        images = done = 0
+        start = time.perf_counter()
+        while (done < batches) if batches else (time.perf_counter() - start < seconds):
+            with trainer.timing("starved"):
+                got = pipe.feed.next_batch(timeout_ms=60_000)
+            if got is None:
+                raise RuntimeError("the input pipeline stalled for 60 s")
+            with trainer.timing("busy"):
+                if simulate_step_ms:
+                    time.sleep(simulate_step_ms / 1000.0)  # a device step: time passes, no CPU used
+                images += got.n
+            pipe.feed.release(got)
+            trainer.images += got.n
+            done += 1
+        elapsed = time.perf_counter() - start
+        time.sleep(0.6)  # every stage sends one more beat: the shares' end point
+        after = _stage_totals(pipe, trainer)
+    stages = {}
+    for stage in STAGES:
+        delta = {k: after[stage][k] - before[stage][k] for k in ("busy", "starved", "blocked")}
+        stages[stage] = _shares(delta)
+    result = {
+        "images_per_second": round(images / elapsed, 1),
+        "batches": done,
+        "batch_size": batch,
+        "seconds": round(elapsed, 2),
+        "augmenters": n_augmenters,
+        "simulate_step_ms": simulate_step_ms,
+        "stages": stages,
+    }
+    if ceiling:
+        result["ceiling_images_per_second"] = round(decode_ceiling(data, n_augmenters), 1)
+        result["ratio_to_ceiling"] = round(result["images_per_second"] / result["ceiling_images_per_second"], 3)
+    return result

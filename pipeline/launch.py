@@ -1,0 +1,141 @@
+"""Start and stop the input side: the loader and augmenter processes, the ring, the feed.
+
+Used as a context manager by `bench-input`, the tests and the trainer process:
+
+    with InputPipeline(data, run_dir, batch=128, augmenters=2) as pipe:
+        batch = pipe.feed.next_batch()
+        ...
+        pipe.feed.release(batch)
+
+Stages are started with the spawn context: neither CUDA nor ZeroMQ contexts survive fork.
+The supervisor restarts the input side through `restart_input()`: the loader and every
+augmenter are stopped together and a new generation starts at the trainer's position,
+so no process of the old generation can still be writing into a slot the new one uses.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+from alexnetd.pipeline import wire
+from alexnetd.pipeline.augment import run_augmenter
+from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.feed import Feed
+from alexnetd.pipeline.loader import run_loader
+from alexnetd.pipeline.plan import BatchPlan
+from alexnetd.pipeline.ring import Ring, ring_name
+from alexnetd.pipeline.stage import Endpoints
+
+__all__ = ["InputPipeline", "default_augmenters", "spawn_context"]
+
+spawn_context = multiprocessing.get_context("spawn")
+
+
+def default_augmenters() -> int:
+    """One augmenter per core, less one for the loader and trainer when there are many."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - 1) if cores > 2 else cores
+
+
+class InputPipeline:
+    def __init__(self, data, run_dir, batch: int = 128, augmenters: int | None = None,
+                 slots: int | None = None, seed: int = 0, val_every: int = 1, start=(0, 0),
+                 device: str = "cpu", rank: int = 0, world: int = 1, beats: bool = True,
+                 max_pixels: int | None = None):
+        self.data, self.run_dir = str(data), Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dataset = open_dataset(self.data)
+        self.n_augmenters = augmenters or default_augmenters()
+        # A few slots per augmenter keep every augmenter busy while the trainer holds one.
+        self.slots = slots or max(3, 2 * self.n_augmenters + 2)
+        try:
+            n_val = len(self.dataset.split("val"))
+        except DatasetError:
+            n_val = 0
+        self.plan = BatchPlan(len(self.dataset.split("train")), n_val, batch, seed, val_every, rank, world)
+        self.endpoints = Endpoints.in_dir(self.run_dir)
+        self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
+        self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device)
+        self.generation = 0
+        self.processes: dict[str, multiprocessing.Process] = {}
+        self.max_pixels = max_pixels
+        self._beats = None
+        if beats:
+            self._beats = zmq.Context.instance().socket(zmq.PULL)
+            self._beats.setsockopt(zmq.LINGER, 0)
+            self._beats.bind(self.endpoints.beats)
+        self.last_beats: dict[tuple[str, int], dict] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> "InputPipeline":
+        self.feed.start()
+        self.start_input()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stage_configs(self) -> dict[str, dict]:
+        """name -> config of every input process of the current generation."""
+        ends = self.endpoints.as_dict()
+        common = dict(endpoints=ends, batch=self.plan.batch, seed=self.plan.seed, slots=self.slots)
+        configs = {"loader": dict(common, data=self.data, val_every=self.plan.val_every,
+                                  rank=self.plan.rank, world=self.plan.world, generation=self.generation)}
+        for i in range(self.n_augmenters):
+            configs[f"augmenter-{i}"] = dict(common, ring=self.ring.name, index=i,
+                                             needs_resize=self.dataset.split("train").needs_resize,
+                                             max_pixels=self.max_pixels)
+        return configs
+
+    def start_input(self) -> None:
+        for name, cfg in self.stage_configs().items():
+            target = run_loader if name == "loader" else run_augmenter
+            proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{name}", daemon=True)
+            proc.start()
+            self.processes[name] = proc
+
+    def stop_input(self, timeout: float = 5.0) -> None:
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.processes.clear()
+
+    def restart_input(self) -> None:
+        """Stop every input process, then start a new generation at the feed's position."""
+        self.stop_input()
+        self.generation += 1
+        self.start_input()
+
+    def close(self) -> None:
+        self.stop_input()
+        self.feed.close()
+        if self._beats is not None:
+            self._beats.close(linger=0)
+        self.ring.close()
+        self.ring.unlink()
+
+    # -- observation ---------------------------------------------------------------
+
+    def poll_beats(self) -> dict:
+        """Drain heartbeats; return the latest counters per (stage, index)."""
+        while self._beats is not None:
+            try:
+                msg = wire.recv(self._beats, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except wire.WireError:
+                continue
+            self.last_beats[(msg["stage"], msg.get("index", 0))] = msg.header
+        return self.last_beats

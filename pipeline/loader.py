@@ -1,0 +1,113 @@
+"""Stage 4 of the paper's pipeline: load batch n+3 from disk.
+
+One process. For each batch it waits for a free slot (a credit), reads the raw JPEG
+bytes of the batch's samples (one pread each from a prepared shard), and sends them to
+the augmenters as one message: the bytes back to back in one buffer plus offsets,
+labels and sample indices. It never decodes.
+
+Where to start comes from the feed (the trainer side), which knows what has been
+trained: a loader says hello with its generation number and the feed answers with the
+position and the free slots. So a restarted loader resumes exactly where the trainer
+is, and stale credits or batches of an older generation are told apart and ignored.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zmq
+
+from alexnetd.pipeline import wire
+from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.plan import BatchPlan
+from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
+
+__all__ = ["run_loader"]
+
+POLL_MS = 200
+HELLO_EVERY = 1.0
+
+
+def run_loader(cfg: dict) -> None:
+    """Process entry point. `cfg` keys: data, endpoints, batch, seed, val_every, rank,
+    world, generation, slots."""
+    stop = StopFlag()
+    dataset = open_dataset(cfg["data"])
+    splits = {"train": dataset.split("train")}
+    try:
+        splits["val"] = dataset.split("val")
+    except DatasetError:  # a dataset without val/ trains without validation
+        pass
+    plan = BatchPlan(len(splits["train"]), len(splits["val"]) if "val" in splits else 0, cfg["batch"],
+                     cfg["seed"], cfg.get("val_every", 1), cfg.get("rank", 0), cfg.get("world", 1))
+    generation = cfg["generation"]
+    ends = cfg["endpoints"]
+
+    ctx = zmq.Context()
+    jobs = ctx.socket(zmq.PUSH)
+    jobs.setsockopt(zmq.SNDHWM, max(2, cfg["slots"]))
+    jobs.setsockopt(zmq.LINGER, 0)
+    jobs.bind(ends["jobs"])
+    credits = ctx.socket(zmq.PULL)
+    credits.setsockopt(zmq.LINGER, 0)
+    credits.bind(ends["credits"])
+    hello = ctx.socket(zmq.PUSH)
+    hello.setsockopt(zmq.LINGER, 0)
+    hello.connect(ends["ready"])
+
+    clock = StageClock()
+    beat = Heartbeat(ctx, ends.get("beats"), "loader", generation=generation)
+    free: set[int] | None = None   # unknown until the feed's sync
+    position = None
+    last_hello = 0.0
+    poller = zmq.Poller()
+    poller.register(credits, zmq.POLLIN)
+
+    while not stop.stopping:
+        if free is None and time.monotonic() - last_hello > HELLO_EVERY:
+            wire.send(hello, "hello", generation=generation)
+            last_hello = time.monotonic()
+        with clock.timing("starved"):
+            ready = dict(poller.poll(0 if free else POLL_MS))
+        if credits in ready:
+            while True:
+                try:
+                    msg = wire.recv(credits, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except wire.WireError:
+                    clock.malformed += 1
+                    continue
+                if msg.get("generation") != generation:
+                    continue  # meant for an older loader
+                if msg.kind == "sync":
+                    free = set(msg["free"])
+                    position = (msg["epoch"], msg["seq"])
+                elif msg.kind == "credit" and free is not None:
+                    free.add(msg["slot"])
+        if free and position is not None:
+            slot = min(free)
+            free.discard(slot)
+            epoch, seq = position
+            split, indices = plan.samples(epoch, seq)
+            with clock.timing("busy"):
+                blob, offsets = _read(splits[split], indices)
+                labels = splits[split].labels[indices]
+            with clock.timing("blocked"):
+                wire.send(jobs, "job", [blob, offsets, labels, indices], epoch=epoch, seq=seq, slot=slot,
+                          split=split, generation=generation)
+            clock.images += len(indices)
+            clock.batches += 1
+            position = plan.next_position(epoch, seq)
+        beat.maybe(clock, free_slots=len(free) if free else 0)
+    beat.maybe(clock, force=True)
+    ctx.destroy(linger=0)
+
+
+def _read(split, indices) -> tuple[np.ndarray, np.ndarray]:
+    """The samples' bytes back to back, and where each starts (n+1 offsets)."""
+    chunks = [split.read(int(i)) for i in indices]
+    offsets = np.zeros(len(chunks) + 1, np.int64)
+    np.cumsum([len(c) for c in chunks], out=offsets[1:])
+    return np.frombuffer(b"".join(chunks), np.uint8), offsets

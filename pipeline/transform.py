@@ -1,0 +1,89 @@
+"""On the device: uint8 NHWC batch -> the float NCHW input the network sees.
+
+Two steps of the paper happen here rather than in the augmenters, because they are
+per-pixel arithmetic the device does almost for free and doing them on the CPU would
+quadruple the bytes crossing PCIe (float instead of uint8):
+- §2: subtract the per-pixel mean *image* of the training set, cropped (and mirrored)
+  exactly like the sample was;
+- §4.1: PCA lighting: add sum_i p_i * alpha_i * lambda_i to every pixel.
+
+Units of the lighting term. The paper's formula adds eigenvalues (variances) to pixel
+values, so its size depends on the pixel scale. We follow the convention of the widely
+used reproductions (fb.resnet.torch, and torchvision's "Lighting"): the covariance is
+taken over pixels in [0, 1], so with pixels in 0..255 the term is
+    255 * P @ (alpha * lambda_01),  lambda_01 = lambda_255 / 255**2
+which shifts a pixel by a few levels, as the paper's "intensity and colour of the
+illumination" intends. (Eigenvalues of the 0..255 covariance used literally would
+shift pixels by thousands of levels.)
+
+The network's input is NCHW; we return it as a permuted view of NHWC data, i.e. in
+channels_last memory order, which cuDNN prefers anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from alexnetd.pipeline.ring import CROP, IMAGE
+
+__all__ = ["InputTransform", "ten_crop_offsets"]
+
+CENTER = (IMAGE - CROP) // 2
+
+
+def ten_crop_offsets() -> list[tuple[int, int, bool]]:
+    """§4.1 test time: the four corner patches and the centre patch, and their mirrors:
+    (top, left, flipped) for each of the 10 views."""
+    last = IMAGE - CROP
+    five = [(0, 0), (0, last), (last, 0), (last, last), (CENTER, CENTER)]
+    return [(t, l, False) for t, l in five] + [(t, l, True) for t, l in five]
+
+
+class InputTransform:
+    def __init__(self, mean_image: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
+                 device="cpu", lighting: bool = True):
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(np.asarray(mean_image, np.float32), device=self.device)  # (256,256,3)
+        self.eigvals01 = torch.as_tensor(np.asarray(eigvals, np.float32) / 255.0 ** 2, device=self.device)
+        self.eigvecs = torch.as_tensor(np.asarray(eigvecs, np.float32), device=self.device)  # columns
+        self.lighting = lighting
+        self._arange = torch.arange(CROP, device=self.device)
+
+    def train(self, images: torch.Tensor, crops, flips, alphas) -> torch.Tensor:
+        """(n,224,224,3) uint8 crops -> (n,3,224,224) float32, mean-subtracted, relit."""
+        x = images.to(self.device, non_blocking=True).float()
+        x -= self._mean_crops(torch.as_tensor(crops, device=self.device).long(),
+                              torch.as_tensor(flips, device=self.device).bool())
+        if self.lighting:
+            x += self.lighting_shift(torch.as_tensor(alphas, device=self.device).float())[:, None, None, :]
+        return x.permute(0, 3, 1, 2)
+
+    def lighting_shift(self, alphas: torch.Tensor) -> torch.Tensor:
+        """(n,3) per-image RGB shift: 255 * P @ (alpha * lambda_01)."""
+        return 255.0 * (alphas * self.eigvals01) @ self.eigvecs.T
+
+    def eval(self, images: torch.Tensor, crops: int = 1) -> torch.Tensor:
+        """(n,256,256,3) uint8 images -> (n*crops,3,224,224) float32: the centre patch,
+        or the paper's 10 patches per image (image-major: image 0's 10 views first)."""
+        x = images.to(self.device, non_blocking=True).float() - self.mean
+        if crops == 1:
+            views = [(CENTER, CENTER, False)]
+        elif crops == 10:
+            views = ten_crop_offsets()
+        else:
+            raise ValueError("crops must be 1 or 10")
+        patches = []
+        for top, left, flipped in views:
+            patch = x[:, top:top + CROP, left:left + CROP]
+            patches.append(patch.flip(2) if flipped else patch)
+        stacked = torch.stack(patches, dim=1).reshape(-1, CROP, CROP, 3)
+        return stacked.permute(0, 3, 1, 2)
+
+    def _mean_crops(self, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """The mean image cut at each sample's crop, mirrored where the sample was:
+        one gather instead of n slices."""
+        rows = crops[:, 0:1] + self._arange            # (n,224)
+        cols = crops[:, 1:2] + self._arange            # (n,224)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+        return self.mean[rows[:, :, None], cols[:, None, :]]  # (n,224,224,3)

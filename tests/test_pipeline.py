@@ -1,0 +1,180 @@
+"""The four-stage input pipeline with real processes, real sockets and real JPEGs."""
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from alexnetd.pipeline import wire
+from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.inputbench import bench_input
+from alexnetd.pipeline.launch import InputPipeline
+from alexnetd.pipeline.plan import BatchPlan, train_draws
+
+BATCH = 8
+
+
+def collect(pipe, count):
+    """(epoch, seq, split, labels, sha1 of the pixels) of the next `count` batches."""
+    out = []
+    for _ in range(count):
+        batch = pipe.feed.next_batch(timeout_ms=60_000)
+        assert batch is not None, "the pipeline stalled"
+        digest = hashlib.sha1(np.ascontiguousarray(batch.images.numpy()).tobytes()).hexdigest()
+        out.append((batch.epoch, batch.seq, batch.split, tuple(batch.labels.tolist()), digest))
+        pipe.feed.release(batch)
+    return out
+
+
+def test_batches_are_identical_with_one_or_three_augmenters(prepared_data, tmp_path):
+    plan_len = BatchPlan(64, 16, BATCH).batches_in_epoch(0)
+    runs = []
+    for augmenters in (1, 3):
+        with InputPipeline(prepared_data, tmp_path / f"run{augmenters}", batch=BATCH,
+                           augmenters=augmenters, seed=7) as pipe:
+            runs.append(collect(pipe, 2 * plan_len))
+    assert runs[0] == runs[1]
+    keys = [(e, s) for e, s, *_ in runs[0]]
+    assert keys == [(e, s) for e in range(2) for s in range(plan_len)]  # strict seq order
+    assert {split for _, _, split, _, _ in runs[0]} == {"train", "val"}
+
+
+def test_each_epoch_has_its_own_order(prepared_data):
+    plan = BatchPlan(64, 16, BATCH, seed=3)
+    first = np.concatenate([plan.samples(0, s)[1] for s in range(plan.train_batches)])
+    second = np.concatenate([plan.samples(1, s)[1] for s in range(plan.train_batches)])
+    assert sorted(first) == sorted(second) == list(range(64))  # a permutation each epoch
+    assert not np.array_equal(first, second)
+    assert np.array_equal(first, np.concatenate([BatchPlan(64, 16, BATCH, seed=3).samples(0, s)[1]
+                                                 for s in range(plan.train_batches)]))
+
+
+def test_rank_sharding_splits_batches_between_ranks():
+    ranks = [BatchPlan(64, 0, BATCH, seed=1, rank=r, world=2) for r in range(2)]
+    taken = [np.concatenate([p.samples(0, s)[1] for s in range(p.train_batches)]) for p in ranks]
+    assert len(set(taken[0]) & set(taken[1])) == 0
+    assert sorted(np.concatenate(taken)) == list(range(64))
+
+
+def test_draws_depend_on_sample_not_on_batch():
+    together = train_draws(5, 2, np.array([10, 11, 12, 13]))
+    alone = train_draws(5, 2, np.array([12]))
+    assert np.array_equal(together.crops[2], alone.crops[0])
+    assert together.flips[2] == alone.flips[0]
+    assert np.array_equal(together.alphas[2], alone.alphas[0])
+    other_epoch = train_draws(5, 3, np.array([12]))
+    assert not np.array_equal(other_epoch.alphas, alone.alphas)
+
+
+def test_draw_statistics_match_the_paper():
+    draws = train_draws(0, 0, np.arange(20_000))
+    assert draws.crops.min() == 0 and draws.crops.max() == 32
+    assert abs(draws.flips.mean() - 0.5) < 0.02
+    assert abs(draws.alphas.std() - 0.1) < 0.005  # alpha ~ N(0, 0.1), §4.1
+    assert abs(draws.alphas.mean()) < 0.005
+
+
+def test_crops_in_the_ring_match_a_direct_decode(prepared_data, tmp_path):
+    from alexnetd.pipeline.jpeg import Decoder
+
+    split = open_dataset(prepared_data).split("train")
+    decoder = Decoder(fast=True)
+    with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=2, seed=11, val_every=0) as pipe:
+        batch = pipe.feed.next_batch(timeout_ms=60_000)
+        images = batch.images.numpy().copy()
+        pipe.feed.release(batch)
+    for j, index in enumerate(batch.indices):
+        image = decoder.decode_rgb(split.read(int(index)))
+        top, left = batch.crops[j]
+        expected = image[top:top + 224, left:left + 224]
+        if batch.flips[j]:
+            expected = expected[:, ::-1]
+        assert np.array_equal(images[j], expected)
+        assert batch.labels[j] == split.labels[index]
+
+
+def test_simulated_step_sets_the_rate_when_slower_than_the_input(prepared_data, tmp_path):
+    step_ms = 150.0
+    result = bench_input(prepared_data, tmp_path / "run", batches=12, batch=BATCH, augmenters=2,
+                         simulate_step_ms=step_ms, ceiling=False)
+    expected = BATCH / (step_ms / 1000.0)
+    # The stages overlap: the input is hidden behind the step, so the rate is the step's.
+    assert 0.9 < result["images_per_second"] / expected <= 1.1
+    assert result["stages"]["trainer"]["busy"] > 0.8
+
+
+def test_a_frozen_trainer_stops_the_loader_at_the_slot_count(prepared_data, tmp_path):
+    slots = 3
+    with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=2, slots=slots, val_every=0) as pipe:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            beats = pipe.poll_beats()
+            if beats.get(("loader", 0), {}).get("counters", {}).get("batches", 0) >= slots:
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)  # nothing is consumed meanwhile
+        beats = pipe.poll_beats()
+        issued = beats[("loader", 0)]["counters"]["batches"]
+        # The loader read exactly one batch per slot and then waited for a credit.
+        assert issued == slots
+        assert beats[("loader", 0)]["free_slots"] == 0
+        # Consuming one batch frees one slot, and only one more batch is read.
+        pipe.feed.release(pipe.feed.next_batch(timeout_ms=30_000))
+        time.sleep(2.0)
+        assert pipe.poll_beats()[("loader", 0)]["counters"]["batches"] == slots + 1
+
+
+def test_corrupt_samples_are_skipped_counted_and_never_fatal(raw_data, tmp_path):
+    dataset = open_dataset(raw_data)
+    n_train = len(dataset.split("train"))
+    with InputPipeline(raw_data, tmp_path / "run", batch=4, augmenters=2, val_every=0) as pipe:
+        plan = pipe.plan
+        delivered = []
+        for _ in range(plan.train_batches * 2):  # two whole epochs: still alive after the bad files
+            batch = pipe.feed.next_batch(timeout_ms=60_000)
+            assert batch is not None
+            assert batch.images.shape[1:] == (224, 224, 3)
+            delivered.append((batch.epoch, batch.n, len(batch.skipped)))
+            pipe.feed.release(batch)
+        skipped = pipe.feed.stats()["skipped"]
+    used = plan.train_batches * 4
+    first_epoch = [d for d in delivered if d[0] == 0]
+    assert sum(n + s for _, n, s in first_epoch) == used
+    # The three files no decoder can read (truncated, random bytes, empty) are the skips;
+    # PNG, CMYK and grayscale files decode. Over 2 epochs each skip counts once per use.
+    in_use = open_dataset(raw_data).split("train")
+    assert sum(skipped.values()) == sum(s for _, _, s in delivered)
+    assert set(skipped) <= {"truncated", "undecodable"}
+    assert 0 < sum(s for _, _, s in first_epoch) <= 3
+    assert len(in_use) == n_train
+
+
+def test_a_malformed_message_is_counted_and_the_feed_carries_on(prepared_data, tmp_path):
+    with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=1, val_every=0) as pipe:
+        first = collect(pipe, 1)
+        rogue = zmq.Context.instance().socket(zmq.PUSH)
+        rogue.connect(pipe.endpoints.ready)
+        rogue.send_multipart([b"not json at all"])
+        rogue.send_multipart(wire.encode("ready")[:1] + [b"surplus frame"])
+        more = collect(pipe, 3)
+        deadline = time.monotonic() + 10
+        while pipe.feed.stats()["malformed"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pipe.feed.stats()["malformed"] == 2
+        rogue.close(linger=0)
+    assert [s for _, s, *_ in first + more] == [0, 1, 2, 3]
+
+
+def test_restarting_the_input_side_loses_and_repeats_nothing(prepared_data, tmp_path):
+    with InputPipeline(prepared_data, tmp_path / "a", batch=BATCH, augmenters=2, seed=5) as pipe:
+        reference = collect(pipe, 14)
+    with InputPipeline(prepared_data, tmp_path / "b", batch=BATCH, augmenters=2, seed=5) as pipe:
+        before = collect(pipe, 5)
+        victim = pipe.processes["augmenter-0"]
+        victim.kill()  # as kill -9 would
+        victim.join()
+        pipe.restart_input()
+        after = collect(pipe, 9)
+    assert before + after == reference
