@@ -13,10 +13,15 @@ import click
 
 # name -> (module, attribute, one-line help shown by `alexnetd --help`)
 COMMANDS = {
+    "start": ("alexnetd.service.daemoncmds", "start", "Start the training daemon (resumes from the latest checkpoint)."),
+    "status": ("alexnetd.service.daemoncmds", "status", "Show what the running daemon is doing, stage by stage."),
+    "stop": ("alexnetd.service.daemoncmds", "stop", "Stop the daemon after a final checkpoint."),
     "fake-data": ("alexnetd.service.datacmds", "fake_data", "Write a generated dataset (prepared shards or a raw ImageFolder)."),
     "prepare": ("alexnetd.service.datacmds", "prepare", "Convert an ImageFolder tree into prepared 256x256 JPEG shards."),
     "bench-input": ("alexnetd.service.benchcmd", "bench_input", "Measure how fast the input pipeline runs on this machine."),
     "report": ("alexnetd.service.report", "report", "Write PNG plots and an HTML page about a run."),
+    "eval": ("alexnetd.service.evalcmds", "eval_command", "Top-1/top-5 error of one network or an ensemble of them."),
+    "predict": ("alexnetd.service.evalcmds", "predict_command", "The most probable classes of images, with probabilities."),
 }
 
 

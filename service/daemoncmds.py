@@ -1,0 +1,265 @@
+"""`alexnetd start`, `status`, `stop`, `demo`.
+
+`start` checks everything it can before anything is forked (config, data, run
+directory, a second daemon, the metrics port, the device, the checkpoint it would
+resume from, room for the ring in /dev/shm), so a user's mistake is one line and a
+non-zero exit with nothing left running. Then it detaches the supervisor (new session,
+pid file, output to RUN_DIR/alexnetd.log) and waits until training moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from alexnetd.service.config import Config, ConfigError, load_config, parse_addr
+from alexnetd.service.control import NotRunning, PidFile, request
+from alexnetd.service.paths import default_run_dir
+
+READY_TIMEOUT = 600.0
+
+EXIT_HEALTHY, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 2
+
+
+def _options(func):
+    """The training and pipeline options; each maps to a Config field (also settable in --config)."""
+    opts = [
+        click.option("--batch-size", type=int, help="Images per SGD step [128, §5]."),
+        click.option("--lr", type=float, help="Initial learning rate [0.01, §5]."),
+        click.option("--momentum", type=float, help="[0.9, §5]"),
+        click.option("--weight-decay", type=float, help="[0.0005, §5]"),
+        click.option("--max-epochs", type=int, help="Stop after this many epochs [90]."),
+        click.option("--max-steps", type=int, help="Stop after this many steps [no limit]."),
+        click.option("--lr-patience", type=int, help="Validations without improvement before lr /10 [5]."),
+        click.option("--bias-init", type=click.Choice(["paper", "caffe"]), help="Biases of 1 (paper) or 0.1 (Caffe's AlexNet)."),
+        click.option("--val-every", type=int, help="Validate after every k-th epoch (0: never) [1]."),
+        click.option("--val-crops", type=click.Choice(["1", "10"]), help="Centre crop, or the paper's 10 crops [1]."),
+        click.option("--checkpoint-every", type=float, help="Minutes between checkpoints [30]; also at every epoch's end."),
+        click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep [3]."),
+        click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
+        click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[cpu]"),
+        click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs [1]."),
+        click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
+        click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
+        click.option("--seed", type=int, help="[0]"),
+        click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels, for exact reruns."),
+        click.option("--bf16/--no-bf16", default=None, help="bf16 autocast on CUDA [on]."),
+        click.option("--lighting/--no-lighting", default=None, help="PCA lighting augmentation (§4.1) [on]."),
+        click.option("--skip-budget", type=float, help="Stop when more than this share of images fails to decode [0.01]."),
+        click.option("--log-every", type=int, help="Steps between log/history lines [10]."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _run_dir_option(func):
+    return click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+                        help=f"Run directory [$ALEXNETD_RUN_DIR or {default_run_dir()}].")(func)
+
+
+def resolve_config(data, run_dir, config_file, **flags) -> Config:
+    """Defaults <- --config <- flags, with paths made absolute. ConfigError on mistakes."""
+    for key in ("val_crops", "gpus"):
+        if flags.get(key) is not None:
+            flags[key] = int(flags[key])
+    run_dir = Path(run_dir).expanduser() if run_dir else default_run_dir()
+    config = load_config(config_file, data=str(Path(data).expanduser().resolve()), run_dir=str(run_dir.resolve()),
+                         **flags)
+    if config.parallel == "data" and config.gpus == 2:
+        raise ConfigError("--parallel data (DDP) is not available yet; use --parallel model for two GPUs")
+    return config
+
+
+def preflight(config: Config, fresh: bool) -> None:
+    """Every check that can fail before forking. Raises click.ClickException (one line)."""
+    from alexnetd.pipeline.dataset import DatasetError, open_dataset
+    from alexnetd.pipeline.ring import IMAGE
+
+    try:
+        dataset = open_dataset(config.data)
+        n_train = len(dataset.split("train"))
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if n_train < config.batch_size:
+        raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of {config.batch_size}")
+    run_dir = Path(config.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(run_dir, 0o700)  # holds the control socket: owner only
+    except OSError as exc:
+        raise click.ClickException(f"run directory {run_dir}: {exc.strerror}") from None
+    if len(str(run_dir / "credits.sock")) > 100:
+        raise click.ClickException(f"run directory {run_dir} is too deep for a unix socket path; choose a shorter one")
+    holder = PidFile(run_dir).holder()
+    if holder is not None:
+        raise click.ClickException(f"alexnetd is already running in {run_dir} (pid {holder}); `alexnetd stop` first")
+    host, port = parse_addr(config.metrics_addr)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # The metrics server sets SO_REUSEADDR too: a port in TIME_WAIT is free for it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
+    if config.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < config.gpus:
+            raise click.ClickException(f"--device cuda --gpus {config.gpus}: this machine has "
+                                       f"{torch.cuda.device_count()} CUDA device(s)")
+    slots = config.slots or max(3, 2 * (config.augmenters or _default_augmenters()) + 2)
+    need = slots * config.batch_size * IMAGE * IMAGE * 3
+    free = shutil.disk_usage("/dev/shm").free
+    if need > free:
+        raise click.ClickException(f"the batch ring needs {need / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
+                                   "use fewer --slots or a smaller --batch-size")
+    if not fresh:
+        _check_resume(config, dataset)
+
+
+def _default_augmenters() -> int:
+    from alexnetd.pipeline.launch import default_augmenters
+
+    return default_augmenters()
+
+
+def _check_resume(config: Config, dataset) -> None:
+    from alexnetd.model import CheckpointError, latest_checkpoint, load_checkpoint
+
+    latest = latest_checkpoint(Path(config.run_dir) / "checkpoints")
+    if latest is None:
+        return
+    try:
+        load_checkpoint(latest, dataset.fingerprint, config.data)
+    except CheckpointError as exc:
+        raise click.ClickException(f"{exc} (start with --fresh to train from scratch)") from None
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """--fresh: move the old checkpoints and history out of the way, never delete them."""
+    old = [run_dir / name for name in ("checkpoints", "history.jsonl") if (run_dir / name).exists()]
+    if old:
+        archive = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        archive.mkdir()
+        for path in old:
+            path.rename(archive / path.name)
+        click.echo(f"previous run moved to {archive}")
+
+
+@click.command("start")
+@click.option("--data", required=True, type=click.Path(), help="Dataset directory (prepared or ImageFolder).")
+@_run_dir_option
+@click.option("--config", "config_file", type=click.Path(), help="A TOML file of options (keys as below, with _).")
+@click.option("--fresh", is_flag=True, help="Train from scratch even if the run directory has checkpoints.")
+@click.option("--foreground", is_flag=True, help="Run attached (for systemd and containers).")
+@_options
+def start(data, run_dir, config_file, fresh, foreground, **flags):
+    """Start the training daemon; resumes from the run directory's latest checkpoint."""
+    try:
+        config = resolve_config(data, run_dir, config_file, **flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    preflight(config, fresh)
+    run_dir = Path(config.run_dir)
+    if fresh:
+        _set_aside_previous_run(run_dir)
+    config.save(run_dir / "config.json")
+    args = [sys.executable, "-m", "alexnetd.service.supervisor", str(run_dir)] + (["--fresh"] if fresh else [])
+    if foreground:
+        os.execv(sys.executable, args)  # the supervisor becomes this process: signals reach it directly
+    log_path = run_dir / "alexnetd.log"
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(args, stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    status = _wait_ready(run_dir, proc, log_path)
+    click.echo(f"alexnetd is {status['state']} (pid {proc.pid})")
+    click.echo(f"  logs     {log_path}")
+    click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")
+    click.echo(f"  metrics  {status['metrics_url']}")
+
+
+def _wait_ready(run_dir: Path, proc: subprocess.Popen, log_path: Path) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"alexnetd stopped before it was ready: {_last_error(run_dir, log_path)}")
+        try:
+            status = request(run_dir, "status", timeout_ms=2000)["status"]
+            if status["state"] != "starting":
+                return status
+        except NotRunning:
+            pass
+        time.sleep(0.5)
+    raise click.ClickException(f"alexnetd did not start training within {READY_TIMEOUT:.0f} s; see {log_path}")
+
+
+def _last_error(run_dir: Path, log_path: Path) -> str:
+    halt = run_dir / "halt.json"
+    if halt.exists():
+        try:
+            return json.loads(halt.read_text())["reason"]
+        except (ValueError, KeyError):
+            pass
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    errors = [line for line in lines if " ERROR " in line or "Error" in line]
+    return (errors or lines or ["no log"])[-1].strip() + f" (log: {log_path})"
+
+
+@click.command("status")
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (fields documented in the README).")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+def status(run_dir, as_json, watch):
+    """Show the running daemon's state. Exit 0 healthy, 1 degraded, 2 not running."""
+    from alexnetd.service.statusview import render_status
+
+    run_dir = Path(run_dir).expanduser() if run_dir else default_run_dir()
+    while True:
+        try:
+            reply = request(run_dir, "status")
+        except NotRunning as exc:
+            if as_json:
+                click.echo(json.dumps({"state": "not running", "run_dir": str(run_dir)}))
+            else:
+                click.echo(f"alexnetd is not running: {exc}")
+            sys.exit(EXIT_NOT_RUNNING)
+        state = reply["status"]
+        text = json.dumps(state) if as_json else render_status(state)
+        if not watch:
+            click.echo(text)
+            sys.exit(EXIT_DEGRADED if state["state"] in ("degraded", "stopping") else EXIT_HEALTHY)
+        click.echo("\x1b[H\x1b[2J" + text, nl=True)  # home + clear: redraw in place
+        time.sleep(2.0)
+
+
+@click.command("stop")
+@_run_dir_option
+@click.option("--now", is_flag=True, help="Kill every stage at once, without a final checkpoint.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+def stop(run_dir, now, timeout):
+    """Stop the daemon: finish the current step, write a checkpoint, stop every stage."""
+    run_dir = Path(run_dir).expanduser() if run_dir else default_run_dir()
+    pidfile = PidFile(run_dir)
+    try:
+        request(run_dir, "stop", now=now)
+    except NotRunning as exc:
+        click.echo(f"alexnetd is not running: {exc}")
+        sys.exit(EXIT_NOT_RUNNING)
+    deadline = time.monotonic() + timeout
+    while pidfile.holder() is not None:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"alexnetd in {run_dir} did not stop within {timeout:.0f} s")
+        time.sleep(0.2)
+    from alexnetd.model.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    click.echo("alexnetd stopped" + (f"; last checkpoint {latest}" if latest else ""))

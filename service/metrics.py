@@ -1,0 +1,106 @@
+"""Every Prometheus metric the daemon exports, defined once.
+
+The supervisor keeps cumulative totals per stage (the counters of processes that died
+are added to those of their replacements, so counters stay monotonic across restarts);
+this collector turns a snapshot of them into metric families at every scrape. One
+process, one endpoint: no multiprocess mode.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from alexnetd.pipeline.jpeg import REASONS
+from alexnetd.pipeline.stage import STAGES
+
+__all__ = ["DaemonCollector", "EXPORTED_METRICS", "STATES"]
+
+STATES = ("starting", "training", "validating", "stopping", "degraded")
+
+EXPORTED_METRICS = (
+    "alexnetd_stage_images_total",
+    "alexnetd_stage_busy_seconds_total",
+    "alexnetd_stage_starved_seconds_total",
+    "alexnetd_stage_blocked_seconds_total",
+    "alexnetd_stage_processes",
+    "alexnetd_stage_restarts_total",
+    "alexnetd_ring_slots",
+    "alexnetd_ring_slots_in_use",
+    "alexnetd_reorder_buffer_batches",
+    "alexnetd_train_images_total",
+    "alexnetd_train_steps_total",
+    "alexnetd_train_epoch",
+    "alexnetd_train_loss",
+    "alexnetd_train_learning_rate",
+    "alexnetd_val_top1_error_ratio",
+    "alexnetd_val_top5_error_ratio",
+    "alexnetd_skipped_samples_total",
+    "alexnetd_checkpoint_write_seconds",
+    "alexnetd_checkpoint_last_timestamp_seconds",
+    "alexnetd_memory_bytes",
+    "alexnetd_state",
+)
+
+
+class DaemonCollector(Collector):
+    """`snapshot()` returns the supervisor's metrics view:
+    {"stages": {stage: {"images", "busy", "starved", "blocked", "processes", "restarts"}},
+     "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
+     "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
+     "memory": {device: bytes}, "state": str}"""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def collect(self):
+        s = self.snapshot()
+        per_stage = [
+            ("alexnetd_stage_images", "Images a stage has finished.", "images", CounterMetricFamily),
+            ("alexnetd_stage_busy_seconds", "Seconds a stage spent on its own work.", "busy", CounterMetricFamily),
+            ("alexnetd_stage_starved_seconds", "Seconds a stage waited for input or a free slot.", "starved", CounterMetricFamily),
+            ("alexnetd_stage_blocked_seconds", "Seconds a stage waited to hand its output on.", "blocked", CounterMetricFamily),
+            ("alexnetd_stage_processes", "Processes (or threads) of a stage that are up.", "processes", GaugeMetricFamily),
+            ("alexnetd_stage_restarts", "Restarts of a stage's processes.", "restarts", CounterMetricFamily),
+        ]
+        for name, doc, key, family in per_stage:
+            metric = family(name, doc, labels=["stage"])
+            for stage in STAGES:
+                metric.add_metric([stage], float(s["stages"][stage][key]))
+            yield metric
+
+        yield _gauge("alexnetd_ring_slots", "Batch slots in the shared-memory ring.", s["ring_slots"])
+        yield _gauge("alexnetd_ring_slots_in_use", "Slots holding a batch being built or trained on.", s["ring_slots_in_use"])
+        yield _gauge("alexnetd_reorder_buffer_batches", "Batches waiting for their turn at the trainer.", s["reorder"])
+        yield CounterMetricFamily("alexnetd_train_images", "Images trained on.", value=s["train_images"])
+        yield CounterMetricFamily("alexnetd_train_steps", "SGD steps taken.", value=s["steps"])
+        yield _gauge("alexnetd_train_epoch", "Current epoch (0-based).", s["epoch"])
+        yield _gauge("alexnetd_train_loss", "Training loss of the last logged step.", s["loss"] or 0.0)
+        yield _gauge("alexnetd_train_learning_rate", "Current learning rate.", s["lr"] or 0.0)
+        val = s["val"] or {}
+        # Before the first validation there is no error to report: NaN, not a fake 0.
+        yield _gauge("alexnetd_val_top1_error_ratio", "Top-1 validation error of the last validation.", val.get("top1_error", float("nan")))
+        yield _gauge("alexnetd_val_top5_error_ratio", "Top-5 validation error of the last validation.", val.get("top5_error", float("nan")))
+
+        skipped = CounterMetricFamily("alexnetd_skipped_samples", "Samples skipped because they would not decode.", labels=["reason"])
+        for reason in REASONS:
+            skipped.add_metric([reason], float(s["skipped"].get(reason, 0)))
+        yield skipped
+
+        checkpoint = s["checkpoint"] or {}
+        yield _gauge("alexnetd_checkpoint_write_seconds", "Seconds the last checkpoint took to write.", checkpoint.get("write_seconds", 0.0))
+        yield _gauge("alexnetd_checkpoint_last_timestamp_seconds", "Unix time of the last checkpoint (0: none yet).", checkpoint.get("t", 0.0))
+
+        memory = GaugeMetricFamily("alexnetd_memory_bytes", "Device memory allocated (CUDA), or the trainer's resident memory (cpu).", labels=["device"])
+        for device, used in (s["memory"] or {"cpu": 0}).items():
+            memory.add_metric([device], float(used))
+        yield memory
+
+        state = GaugeMetricFamily("alexnetd_state", "1 for the daemon's current state.", labels=["state"])
+        for name in STATES:
+            state.add_metric([name], 1.0 if s["state"] == name else 0.0)
+        yield state
+
+
+def _gauge(name: str, doc: str, value) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))

@@ -1,0 +1,51 @@
+"""`alexnetd status` as a person reads it."""
+
+from __future__ import annotations
+
+__all__ = ["render_status"]
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _num(value, fmt="{:.4g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render_status(s: dict) -> str:
+    lines = [
+        f"alexnetd {s['state']}  (pid {s['pid']}, up {_duration(s['uptime_seconds'])}, {s['device']})",
+        f"  run dir     {s['run_dir']}",
+        f"  data        {s['data']}",
+        f"  epoch       {s['epoch'] + 1}/{s['max_epochs']}  {s['epoch_progress']:.0%} of epoch, "
+        f"step {s['step']} ({s['steps_per_epoch']} per epoch), ETA {_duration(s['eta_seconds'])}",
+        f"  training    {s['images_per_second']:.1f} images/s, loss {_num(s['loss'])}, "
+        f"learning rate {_num(s['learning_rate'])}",
+    ]
+    val = s.get("validation")
+    lines.append("  validation  " + ("none yet" if not val else
+                 f"top-1 error {val['top1_error']:.2%}, top-5 error {val['top5_error']:.2%} "
+                 f"(epoch {val['epoch'] + 1}, {val['crops']} crop{'s' if val['crops'] > 1 else ''})"))
+    lines.append("")
+    lines.append(f"  {'stage':<10} {'procs':>5} {'images/s':>9} {'busy':>6} {'starved':>8} {'blocked':>8} {'restarts':>9}")
+    for stage, row in s["stages"].items():
+        mark = "  <- bottleneck" if stage == s.get("bottleneck") else ""
+        lines.append(f"  {stage:<10} {row['processes']:>5} {row['images_per_second']:>9.1f} {row['busy']:>6.0%} "
+                     f"{row['starved']:>8.0%} {row['blocked']:>8.0%} {row['restarts']:>9}{mark}")
+    q = s["queues"]
+    lines.append("")
+    lines.append(f"  queues      ring {q['ring_slots_in_use']}/{q['ring_slots']} slots in use, "
+                 f"{q['reorder_buffer']} batches waiting in order")
+    skipped = s.get("skipped") or {}
+    lines.append("  skipped     " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
+    ck = s.get("checkpoint")
+    lines.append("  checkpoint  " + ("none yet" if not ck else
+                 f"{ck['path']} (step {ck['step']}, {_duration(ck['age_seconds'])} ago)"))
+    lines.append(f"  metrics     {s['metrics_url']}")
+    return "\n".join(lines)

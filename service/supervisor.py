@@ -1,0 +1,518 @@
+"""The daemon's main process: spawns the stages, watches them, restarts them, answers.
+
+- Spawns the trainer (copier thread inside), the loader and the augmenters with the
+  spawn context, around one shared-memory ring it creates and removes.
+- Receives every stage's heartbeat (counters) on `beats`; keeps cumulative totals, so
+  Prometheus counters stay monotonic across restarts.
+- A dead or silent loader/augmenter: the input side (loader + all augmenters) is
+  stopped and started again as a new generation at the trainer's position. Batches are
+  rebuilt from their seq: nothing is lost or trained twice, and no process of the old
+  generation can still write into a slot the new one uses.
+- A dead trainer: restarted from its last checkpoint, with a fresh input side.
+- A stage that dies before its first heartbeat cannot boot: the daemon halts with the
+  reason instead of restarting it in a loop; so does one that needs more than
+  `restart_limit` restarts in ten minutes.
+- SIGTERM / SIGINT / `stop`: the trainer finishes its step and checkpoints, every stage
+  stops, exit 0. A second signal or `stop --now`: everything is killed at once.
+- Answers `status` and `stop` on RUN_DIR/control.sock and serves /metrics.
+
+Signal handlers only record the signal; the main loop acts on it (gunicorn's rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import zmq
+from prometheus_client import CollectorRegistry, start_http_server
+
+from alexnetd.pipeline import wire
+from alexnetd.pipeline.augment import run_augmenter
+from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.launch import default_augmenters, spawn_context
+from alexnetd.pipeline.loader import run_loader
+from alexnetd.pipeline.ring import Ring, ring_name
+from alexnetd.pipeline.stage import STAGES, Endpoints
+from alexnetd.service.config import Config, parse_addr
+from alexnetd.service.control import PidFile, control_endpoint
+from alexnetd.service.history import History
+from alexnetd.service.metrics import DaemonCollector
+from alexnetd.service.trainer import EXIT_BOOT, EXIT_HALT, run_trainer
+
+__all__ = ["Supervisor", "main"]
+
+log = logging.getLogger("alexnetd.supervisor")
+
+POLL_MS = 250
+STOP_TIMEOUT = 120.0       # a trainer gets this long to finish its step and checkpoint
+RESTART_WINDOW = 600.0     # restart_limit counts restarts within this many seconds
+DEGRADED_FOR = 60.0        # a restart leaves the daemon "degraded" this long
+RATE_WINDOW = 10.0         # seconds over which status rates are computed
+COUNTER_KEYS = ("images", "busy", "starved", "blocked")
+
+
+class Halt(Exception):
+    """Stop the daemon with a reason, without restarting anything."""
+
+
+class Supervisor:
+    def __init__(self, config: Config, fresh: bool = False):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.fresh = fresh
+        self.started = time.time()
+        dataset = open_dataset(config.data)
+        self.needs_resize = dataset.split("train").needs_resize
+        self.n_augmenters = config.augmenters or default_augmenters()
+        self.slots = config.slots or max(3, 2 * self.n_augmenters + 2)
+        self.endpoints = Endpoints.in_dir(self.run_dir)
+        self.ring: Ring | None = None
+        self.generation = 0
+        self.processes: dict[str, spawn_context.Process] = {}
+        self.booted: set[str] = set()           # names that have sent a beat since their start
+        self.last_beat: dict[str, float] = {}   # name -> monotonic time of its last beat
+        self.beats: dict[str, dict] = {}        # name -> its latest beat
+        self.retired = {s: dict.fromkeys(COUNTER_KEYS, 0.0) for s in STAGES}  # totals of dead processes
+        self.restarts = dict.fromkeys(STAGES, 0)
+        self.restart_times: dict[str, deque] = {s: deque() for s in STAGES}
+        self.last_restart = 0.0
+        self.skipped_retired: dict[str, int] = {}
+        self.state = "starting"
+        self.halt_reason: str | None = None
+        self.stopping_since: float | None = None
+        self.signals: list[int] = []
+        self.stop_now = False
+        self.rates = deque()                    # (monotonic, {stage: images}, train images)
+        self.history = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def run(self) -> int:
+        ctx = zmq.Context.instance()
+        self.control = ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint(self.run_dir))
+        self.beat_socket = ctx.socket(zmq.PULL)
+        self.beat_socket.setsockopt(zmq.LINGER, 0)
+        self.beat_socket.bind(self.endpoints.beats)
+        registry = CollectorRegistry()
+        registry.register(DaemonCollector(self.metrics_snapshot))
+        host, port = parse_addr(self.config.metrics_addr)
+        self.http, _thread = start_http_server(port, addr=host, registry=registry)
+        self.history = History(self.run_dir)
+        self.history.write("event", event="daemon-start", pid=os.getpid(), fresh=self.fresh)
+        wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda s, f: self.signals.append(s))
+        self.ring = Ring(ring_name(self.run_dir), self.slots, self.config.batch_size, create=True)
+        code = 0
+        try:
+            self._spawn_trainer(resume=not self.fresh)
+            self._spawn_input()
+            code = self._loop(wakeup_r)
+        except Halt as exc:
+            self.halt_reason = str(exc)
+            log.error("halting: %s", exc)
+            self.history.write("event", event="halt", reason=str(exc))
+            code = 1
+        finally:
+            self._kill_all()
+            self.http.shutdown()
+            self.ring.close()
+            self.ring.unlink()
+            for sock in (self.control, self.beat_socket):
+                sock.close(linger=0)
+            Path(control_endpoint(self.run_dir)[len("ipc://"):]).unlink(missing_ok=True)
+            self.history.write("event", event="daemon-stop", code=code)
+            self.history.close()
+            os.close(wakeup_r)
+        return code
+
+    def _loop(self, wakeup_r: int) -> int:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.beat_socket, zmq.POLLIN)
+        poller.register(wakeup_r, zmq.POLLIN)
+        last_stage_line = time.monotonic()
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if wakeup_r in events:
+                os.read(wakeup_r, 512)
+            self._drain_beats()
+            if self.control in events:
+                self._answer()
+            if self.stop_now:
+                log.warning("stop --now: killing every stage")
+                return 0
+            while self.signals:
+                signum = self.signals.pop(0)
+                if self.stopping_since is not None:
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    return 0
+                self._begin_stop(f"signal {signal.Signals(signum).name}")
+            finished = self._reap()
+            if finished is not None:
+                return finished
+            self._check_silent()
+            self._sample_rates()
+            if time.monotonic() - last_stage_line >= 10.0:
+                self._stage_history_line()
+                last_stage_line = time.monotonic()
+            if self.stopping_since is not None and time.monotonic() - self.stopping_since > STOP_TIMEOUT:
+                log.error("trainer did not stop within %.0f s; killing it", STOP_TIMEOUT)
+                return 1
+
+    def _begin_stop(self, why: str) -> None:
+        if self.stopping_since is not None:
+            return
+        log.info("stopping (%s): the trainer finishes its step and checkpoints", why)
+        self.history.write("event", event="stop", reason=why)
+        self.stopping_since = time.monotonic()
+        self.state = "stopping"
+        trainer = self.processes.get("trainer")
+        if trainer is not None and trainer.is_alive():
+            os.kill(trainer.pid, signal.SIGTERM)
+
+    # -- processes -----------------------------------------------------------------
+
+    def _spawn(self, name: str, target, *args) -> None:
+        proc = spawn_context.Process(target=target, args=args, name=f"alexnetd-{name}", daemon=False)
+        proc.start()
+        self.processes[name] = proc
+        self.booted.discard(name)
+        self.last_beat[name] = time.monotonic()
+        log.info("started %s (pid %d)", name, proc.pid)
+
+    def _spawn_trainer(self, resume: bool) -> None:
+        (self.run_dir / "halt.json").unlink(missing_ok=True)
+        self._spawn("trainer", run_trainer, self.config.to_dict(), self.ring.name, self.slots,
+                    self.endpoints.as_dict(), resume)
+
+    def _spawn_input(self) -> None:
+        ends = self.endpoints.as_dict()
+        common = dict(endpoints=ends, batch=self.config.batch_size, seed=self.config.seed, slots=self.slots)
+        self._spawn("loader", run_loader, dict(common, data=self.config.data, val_every=self.config.val_every,
+                                               generation=self.generation))
+        for i in range(self.n_augmenters):
+            self._spawn(f"augmenter-{i}", run_augmenter, dict(common, ring=self.ring.name, index=i,
+                                                               needs_resize=self.needs_resize))
+
+    def _stop_processes(self, names, timeout: float = 5.0) -> None:
+        procs = [(n, self.processes.pop(n)) for n in names if n in self.processes]
+        for _, proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for name, proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            self._retire(name)
+
+    def _kill_all(self) -> None:
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.kill()
+        for name, proc in list(self.processes.items()):
+            proc.join(5)
+            self._retire(name)
+        self.processes.clear()
+
+    def _retire(self, name: str) -> None:
+        """Fold a finished process's counters into its stage's totals."""
+        beat = self.beats.pop(name, None)
+        if beat is None:
+            return
+        stage = _stage_of(name)
+        for key in COUNTER_KEYS:
+            self.retired[stage][key] += beat["counters"][key]
+        if stage == "trainer":
+            for reason, count in (beat.get("skipped") or {}).items():
+                self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
+            copier = self.beats.pop("copier", None)
+            if copier is not None:
+                for key in COUNTER_KEYS:
+                    self.retired["copier"][key] += copier["counters"][key]
+
+    def _input_names(self) -> list[str]:
+        return [n for n in self.processes if n != "trainer"]
+
+    def _reap(self) -> int | None:
+        """React to exited processes. Returns the daemon's exit code when it is done."""
+        trainer = self.processes.get("trainer")
+        if trainer is not None and trainer.exitcode is not None:
+            code = trainer.exitcode
+            self.processes.pop("trainer")
+            self._retire("trainer")
+            if code == 0:
+                log.info("trainer finished (%s)", "stop requested" if self.stopping_since else "training done")
+                self._stop_processes(self._input_names())
+                return 0
+            if code in (EXIT_BOOT, EXIT_HALT):
+                raise Halt(self._halt_file() or f"trainer exited with code {code}")
+            if self.stopping_since is not None:
+                return 1
+            self._restart("trainer", f"trainer exited with code {code}")
+            return None
+        dead = [n for n in self._input_names() if self.processes[n].exitcode is not None]
+        if dead and self.stopping_since is None:
+            name = dead[0]
+            self._restart(_stage_of(name), f"{name} exited with code {self.processes[name].exitcode}", name)
+        return None
+
+    def _check_silent(self) -> None:
+        if self.stopping_since is not None:
+            return
+        now = time.monotonic()
+        for name, proc in list(self.processes.items()):
+            if name in self.booted and now - self.last_beat.get(name, now) > self.config.heartbeat_timeout:
+                log.error("%s sent no heartbeat for %.0f s: killing it", name, now - self.last_beat[name])
+                proc.kill()
+                proc.join()
+                return  # the next _reap restarts it
+
+    def _restart(self, stage: str, why: str, name: str | None = None) -> None:
+        if name is not None and name not in self.booted:
+            raise Halt(f"{name} could not start ({why}); see {self.run_dir / 'alexnetd.log'}")
+        now = time.monotonic()
+        times = self.restart_times[stage]
+        while times and now - times[0] > RESTART_WINDOW:
+            times.popleft()
+        if len(times) >= self.config.restart_limit:
+            raise Halt(f"{why}; {stage} restarted {len(times)} times in {RESTART_WINDOW / 60:.0f} minutes, giving up")
+        # Back off: 0.5 s, 1 s, 2 s ... between repeated restarts of one stage.
+        time.sleep(min(8.0, 0.5 * 2 ** len(times)) if times else 0.0)
+        times.append(now)
+        self.restarts[stage] += 1
+        self.last_restart = now
+        log.warning("%s: restarting the %s", why, "trainer from its checkpoint" if stage == "trainer" else "input side")
+        self.history.write("event", event="restart", stage=stage, reason=why)
+        self._stop_processes(self._input_names())
+        self.generation += 1
+        if stage == "trainer":
+            self._spawn_trainer(resume=True)
+        self._spawn_input()
+
+    def _halt_file(self) -> str | None:
+        path = self.run_dir / "halt.json"
+        try:
+            return json.loads(path.read_text())["reason"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    # -- heartbeats and status -----------------------------------------------------
+
+    def _drain_beats(self) -> None:
+        while True:
+            try:
+                msg = wire.recv(self.beat_socket, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except wire.WireError:
+                continue
+            stage, index = msg.get("stage"), msg.get("index", 0)
+            name = stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}"
+            pid_owner = "trainer" if stage == "copier" else name
+            proc = self.processes.get(pid_owner)
+            if proc is None or proc.pid != msg.get("pid"):
+                continue  # a beat from a process already replaced
+            if stage == "loader" and msg.get("generation") != self.generation:
+                continue
+            self.beats[name] = msg.header
+            self.last_beat[pid_owner] = time.monotonic()
+            self.booted.add(pid_owner)
+            if stage == "trainer" and self.stopping_since is None:
+                moving = msg.get("step", 0) > 0 or msg.get("state") == "validating"
+                if self.state == "starting" and not moving:
+                    continue
+                self.state = msg.get("state", "training")
+
+    def _totals(self) -> dict:
+        totals = {s: dict(self.retired[s]) for s in STAGES}
+        for name, beat in self.beats.items():
+            for key in COUNTER_KEYS:
+                totals[_stage_of(name)][key] += beat["counters"][key]
+        return totals
+
+    def _sample_rates(self) -> None:
+        now = time.monotonic()
+        if self.rates and now - self.rates[-1][0] < 1.0:
+            return
+        trainer = self.beats.get("trainer", {})
+        self.rates.append((now, self._totals(), trainer.get("step", 0)))
+        while len(self.rates) > 2 and now - self.rates[0][0] > RATE_WINDOW:
+            self.rates.popleft()
+
+    def _stage_rates(self) -> dict:
+        """Per stage: images/s and busy/starved/blocked shares over the last few seconds."""
+        if len(self.rates) < 2:
+            return {s: {"images_per_second": 0.0, "busy": 0.0, "starved": 0.0, "blocked": 0.0} for s in STAGES}
+        (t0, a, _), (t1, b, _) = self.rates[0], self.rates[-1]
+        out = {}
+        for stage in STAGES:
+            delta = {k: max(0.0, b[stage][k] - a[stage][k]) for k in COUNTER_KEYS}
+            spent = delta["busy"] + delta["starved"] + delta["blocked"]
+            out[stage] = {"images_per_second": round(delta["images"] / (t1 - t0), 1)}
+            for key in ("busy", "starved", "blocked"):
+                out[stage][key] = round(delta[key] / spent, 3) if spent > 0 else 0.0
+        return out
+
+    def _current_state(self) -> str:
+        if self.stopping_since is not None:
+            return "stopping"
+        up = all(p.is_alive() for p in self.processes.values())
+        if self.state != "starting" and (not up or time.monotonic() - self.last_restart < DEGRADED_FOR):
+            return "degraded" if self.last_restart or not up else self.state
+        return self.state
+
+    def status(self) -> dict:
+        trainer = self.beats.get("trainer", {})
+        stages = self._stage_rates()
+        for stage in STAGES:
+            names = [n for n in self.processes if _stage_of(n) == stage] or (["trainer"] if stage == "copier" and "trainer" in self.processes else [])
+            stages[stage]["processes"] = sum(1 for n in names if self.processes[n].is_alive())
+            stages[stage]["restarts"] = self.restarts[stage]
+        # The bottleneck is the stage that is busiest while the trainer waits for it.
+        bottleneck = max(STAGES, key=lambda s: stages[s]["busy"]) if any(stages[s]["busy"] for s in STAGES) else None
+        steps_per_epoch = trainer.get("steps_per_epoch") or 0
+        batches_in_epoch = trainer.get("batches_in_epoch") or 0
+        seq, epoch = trainer.get("seq", 0), trainer.get("epoch", 0)
+        rate_steps = self._step_rate()
+        eta = None
+        if rate_steps > 0 and steps_per_epoch:
+            remaining_epochs = trainer.get("max_epochs", self.config.max_epochs) - epoch
+            remaining = remaining_epochs * steps_per_epoch - min(seq, steps_per_epoch)
+            if trainer.get("max_steps"):
+                remaining = min(remaining, trainer["max_steps"] - trainer.get("step", 0))
+            eta = round(max(0, remaining) / rate_steps, 1)
+        checkpoint = trainer.get("checkpoint")
+        skipped = dict(self.skipped_retired)
+        for reason, count in (trainer.get("skipped") or {}).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        return {
+            "state": self._current_state(),
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "run_dir": str(self.run_dir),
+            "data": self.config.data,
+            "device": self.config.device,
+            "epoch": epoch,
+            "step": trainer.get("step", 0),
+            "steps_per_epoch": steps_per_epoch,
+            "epoch_progress": round(min(seq, batches_in_epoch) / batches_in_epoch, 4) if batches_in_epoch else 0.0,
+            "max_epochs": self.config.max_epochs,
+            "eta_seconds": eta,
+            "images_per_second": stages["trainer"]["images_per_second"],
+            "stages": stages,
+            "bottleneck": bottleneck,
+            "queues": {"ring_slots": self.slots, "ring_slots_in_use": trainer.get("slots_in_use", 0),
+                       "reorder_buffer": trainer.get("reorder", 0)},
+            "loss": trainer.get("loss"),
+            "learning_rate": trainer.get("lr"),
+            "validation": trainer.get("val"),
+            "restarts": dict(self.restarts),
+            "skipped": skipped,
+            "checkpoint": None if not checkpoint else {
+                "path": checkpoint["path"], "step": checkpoint["step"],
+                "age_seconds": round(time.time() - checkpoint["t"], 1)},
+            "metrics_url": f"http://{self.config.metrics_addr}/metrics",
+            "generation": self.generation,
+            "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
+            "halt_reason": self.halt_reason,
+        }
+
+    def _step_rate(self) -> float:
+        if len(self.rates) < 2:
+            return 0.0
+        (t0, _, s0), (t1, _, s1) = self.rates[0], self.rates[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def metrics_snapshot(self) -> dict:
+        trainer = self.beats.get("trainer", {})
+        totals = self._totals()
+        status = self.status()
+        stages = {s: dict(totals[s], processes=status["stages"][s]["processes"], restarts=self.restarts[s])
+                  for s in STAGES}
+        return {
+            "stages": stages, "ring_slots": self.slots,
+            "ring_slots_in_use": status["queues"]["ring_slots_in_use"], "reorder": status["queues"]["reorder_buffer"],
+            "train_images": totals["trainer"]["images"], "steps": trainer.get("step", 0),
+            "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
+            "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
+            "memory": trainer.get("memory"), "state": status["state"],
+        }
+
+    def _stage_history_line(self) -> None:
+        """Every 10 s: per-stage rates into the history, and one progress line into the log."""
+        stages = self._stage_rates()
+        status = self.status()
+        log.info("%s: epoch %d step %d (%.0f%% of epoch) %.1f img/s loss %s lr %s bottleneck %s",
+                 status["state"], status["epoch"], status["step"], 100 * status["epoch_progress"],
+                 status["images_per_second"], _fmt(status["loss"]), _fmt(status["learning_rate"]),
+                 status["bottleneck"] or "-")
+        self.history.write("stages", step=self.beats.get("trainer", {}).get("step", 0),
+                           rates={s: stages[s]["images_per_second"] for s in STAGES},
+                           busy={s: stages[s]["busy"] for s in STAGES})
+
+    def _answer(self) -> None:
+        try:
+            msg = wire.recv(self.control)
+            command = msg.get("cmd")
+        except wire.WireError as exc:
+            wire.send(self.control, "reply", ok=False, error=str(exc))
+            return
+        if command == "status":
+            wire.send(self.control, "reply", ok=True, status=self.status())
+        elif command == "stop":
+            wire.send(self.control, "reply", ok=True)
+            if msg.get("now"):
+                self.history.write("event", event="stop", reason="alexnetd stop --now")
+                self.stop_now = True
+            else:
+                self._begin_stop("alexnetd stop")
+        else:
+            wire.send(self.control, "reply", ok=False, error=f"unknown command {command!r}")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _stage_of(name: str) -> str:
+    return "augmenter" if name.startswith("augmenter") else name
+
+
+def main(argv=None) -> int:
+    """`python -m alexnetd.service.supervisor RUN_DIR [--fresh]`: what `alexnetd start` runs
+    detached. The resolved config is RUN_DIR/config.json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="alexnetd-supervisor")
+    parser.add_argument("run_dir")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    config = Config(**json.loads((Path(args.run_dir) / "config.json").read_text()))
+    pidfile = PidFile(config.run_dir)
+    if not pidfile.acquire():
+        log.error("another alexnetd holds %s", pidfile.path)
+        return 1
+    try:
+        return Supervisor(config, fresh=args.fresh).run()
+    finally:
+        pidfile.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Stage 1 of the paper's pipeline: train on batch n. The trainer process.
+
+It hosts the copier thread (pipeline/feed.py), turns each uint8 batch into the
+network's input on the device (pipeline/transform.py), and runs the paper's recipe:
+SGD steps (§5), validation at epoch ends, the learning rate divided by 10 when the
+validation error stops improving, checkpoints every few minutes and at each epoch's
+end. It reports to the supervisor through heartbeats and appends to history.jsonl.
+
+Data position: batch content is a pure function of (seed, epoch, seq), so a checkpoint
+records only (epoch, next seq) and a resumed run sees exactly the batches an
+uninterrupted one would have. A checkpoint taken during validation points at the
+start of that validation, which is re-run on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import zmq
+
+from alexnetd.model import (AlexNet, CheckpointError, PaperSGD, PlateauSchedule, TwoTowerAlexNet,
+                            autocast_context, load_latest_checkpoint, load_rng_state, rng_state,
+                            save_checkpoint, set_deterministic, set_lr)
+from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.feed import Feed
+from alexnetd.pipeline.plan import BatchPlan
+from alexnetd.pipeline.ring import Ring
+from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
+from alexnetd.pipeline.transform import InputTransform
+from alexnetd.service.config import Config
+from alexnetd.service.history import History
+
+__all__ = ["run_trainer", "Trainer", "EXIT_BOOT", "EXIT_HALT"]
+
+log = logging.getLogger("alexnetd.trainer")
+
+EXIT_BOOT = 3   # could not start (bad checkpoint, data changed): restarting would not help
+EXIT_HALT = 4   # stopped on purpose with a reason (skip budget): do not restart
+WAIT_MS = 500
+
+
+def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool) -> None:
+    """Process entry point."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    config = Config(**cfg)
+    stop = StopFlag()
+    try:
+        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop)
+    except (CheckpointError, DatasetError, ValueError) as exc:
+        _halt(config.run_dir, f"trainer could not start: {exc}")
+        sys.exit(EXIT_BOOT)
+    sys.exit(trainer.run())
+
+
+def _halt(run_dir: str, reason: str) -> None:
+    """Leave the reason where the supervisor looks for it, then exit non-zero."""
+    log.error(reason)
+    (Path(run_dir) / "halt.json").write_text(json.dumps({"reason": reason}))
+
+
+class Trainer:
+    def __init__(self, config: Config, ring: Ring, endpoints: dict, resume: bool, stop: StopFlag | None = None):
+        self.config, self.ring, self.stop = config, ring, stop
+        self.run_dir = Path(config.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.dataset = open_dataset(config.data)
+        mean, eigvals, eigvecs = self.dataset.stats()
+        n_val = len(self.dataset.split("val")) if _has_val(self.dataset) else 0
+        self.plan = BatchPlan(len(self.dataset.split("train")), n_val, config.batch_size, config.seed,
+                              config.val_every)
+        if config.deterministic:
+            set_deterministic(config.seed)
+        else:
+            torch.manual_seed(config.seed)
+        self.device = torch.device("cuda:0" if config.device == "cuda" else "cpu")
+        num_classes = len(self.dataset.classes)
+        if config.gpus == 2:
+            self.model = TwoTowerAlexNet(num_classes, config.dropout, config.bias_init, devices=("cuda:0", "cuda:1"))
+        else:
+            self.model = AlexNet(num_classes, config.dropout, config.bias_init).to(self.device)
+            if self.device.type == "cuda" and config.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = PaperSGD(self.model.parameters(), config.lr, config.momentum, config.weight_decay)
+        self.schedule = PlateauSchedule(config.lr, patience=config.lr_patience, max_epochs=config.max_epochs)
+        self.transform = InputTransform(mean, eigvals, eigvecs, self.device, lighting=config.lighting)
+        self.step = 0
+        self.position = (0, 0)
+        self.last_checkpoint: dict | None = None
+        self.last_val: dict | None = None
+        self.loss: float | None = None
+        if resume:
+            self._resume()
+        self.feed = Feed(endpoints, ring, self.plan, self.position, config.device)
+        self.clock = StageClock()
+        self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer")
+        self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier")
+        self.history = History(self.run_dir)
+        self.rate = 0.0
+        self.val = _ValTally()
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def _resume(self) -> None:
+        found = load_latest_checkpoint(self.checkpoint_dir, self.dataset.fingerprint, self.config.data,
+                                       map_location=self.device)
+        if found is None:
+            return
+        path, state = found
+        self.model.load_state_dict(state["model"])
+        optimizer_state = state["optimizer"]
+        if isinstance(self.model, TwoTowerAlexNet):
+            optimizer_state = self.model.optimizer_state_from_grouped(optimizer_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.schedule.load_state_dict(state["schedule"])
+        set_lr(self.optimizer, self.schedule.lr)
+        load_rng_state(state["rng"])
+        self.step, self.position = int(state["step"]), (int(state["epoch"]), int(state["next_seq"]))
+        self.last_val = state.get("last_val")
+        self.last_checkpoint = {"path": str(path), "step": self.step, "t": path.stat().st_mtime, "write_seconds": 0.0}
+        log.info("resumed from %s at epoch %d seq %d, step %d", path, *self.position, self.step)
+
+    def checkpoint(self, reason: str) -> None:
+        epoch, seq = self.position
+        if seq > self.plan.train_batches:  # inside validation: resume re-runs all of it
+            seq = self.plan.train_batches
+        optimizer_state = self.optimizer.state_dict()
+        if isinstance(self.model, TwoTowerAlexNet):
+            optimizer_state = self.model.optimizer_state_to_grouped(optimizer_state)
+        state = {
+            "model": self.model.state_dict(), "optimizer": optimizer_state,
+            "schedule": self.schedule.state_dict(), "epoch": epoch, "next_seq": seq, "step": self.step,
+            "rng": rng_state(), "config": self.config.to_dict(),
+            "dataset_fingerprint": self.dataset.fingerprint, "classes": list(self.dataset.classes),
+            "class_names": list(self.dataset.class_names), "num_classes": len(self.dataset.classes),
+            "last_val": self.last_val,
+        }
+        start = time.perf_counter()
+        path = save_checkpoint(self.checkpoint_dir, state, keep=self.config.keep_checkpoints)
+        seconds = time.perf_counter() - start
+        self.last_checkpoint = {"path": str(path), "step": self.step, "t": time.time(), "write_seconds": seconds}
+        self.history.write("event", event="checkpoint", reason=reason, step=self.step, path=str(path),
+                           seconds=round(seconds, 3))
+        log.info("checkpoint %s (%s, %.2f s)", path.name, reason, seconds)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.feed.start()
+        self.history.write("event", event="trainer-start", step=self.step, epoch=self.position[0])
+        last_checkpoint_time = time.monotonic()
+        reason = "stopped"
+        try:
+            while True:
+                if self.stop is not None and self.stop.stopping:
+                    break
+                with self.clock.timing("starved"):
+                    batch = self.feed.next_batch(WAIT_MS)
+                if batch is None:
+                    self._beat("starved")
+                    continue
+                epoch, seq = batch.epoch, batch.seq
+                with self.clock.timing("busy"):
+                    if batch.split == "train":
+                        self._train_step(batch)
+                    else:
+                        self._val_step(batch)
+                self.feed.release(batch)
+                self.position = self.feed.position
+                if self._skipped_over_budget():
+                    _halt(self.config.run_dir, self._skip_message())
+                    self.checkpoint("halt")
+                    return EXIT_HALT
+                if seq == self.plan.batches_in_epoch(epoch) - 1:
+                    if self._end_of_epoch(epoch):
+                        reason = "finished"
+                        break
+                elif batch.split == "train" and time.monotonic() - last_checkpoint_time > 60 * self.config.checkpoint_every:
+                    self.checkpoint("timer")
+                    last_checkpoint_time = time.monotonic()
+                if self.config.max_steps and self.step >= self.config.max_steps and batch.split == "train":
+                    reason = "max-steps"
+                    break
+                self._beat("validating" if batch.split == "val" else "training")
+            self.checkpoint(reason)
+            self.history.write("event", event="trainer-stop", reason=reason, step=self.step)
+            self._beat("stopping", force=True)
+            return 0
+        finally:
+            self.feed.close()
+            self.history.close()
+
+    def _train_step(self, batch) -> None:
+        start = time.perf_counter()
+        x = self.transform.train(batch.images, batch.crops, batch.flips, batch.alphas)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        self.model.train()
+        with autocast_context(self.device, self.config.bf16 and self.device.type == "cuda"):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.clock.images += batch.n
+        if self.step % self.config.log_every == 0 or self.step == 1:
+            # note: .item() is a device sync point; only every log_every steps
+            self.loss = float(loss.item())
+            seconds = time.perf_counter() - start
+            self.rate = batch.n / seconds if seconds > 0 else 0.0
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.history.write("step", step=self.step, epoch=batch.epoch, loss=self.loss, lr=lr,
+                               images_per_second=round(self.rate, 2))
+            log.info("epoch %d step %d loss %.4f lr %g %.1f img/s", batch.epoch, self.step, self.loss, lr, self.rate)
+
+    @torch.no_grad()
+    def _val_step(self, batch) -> None:
+        self.model.eval()
+        crops = self.config.val_crops
+        x = self.transform.eval(batch.images, crops=crops)
+        with autocast_context(self.device, self.config.bf16 and self.device.type == "cuda"):
+            logits = self.model(x)
+        # §4.1: average the softmax over the crops of each image
+        probs = logits.float().softmax(1).reshape(batch.n, crops, -1).mean(1)
+        self.val.add(probs, batch.labels.to(probs.device), skipped=len(batch.skipped))
+
+    def _end_of_epoch(self, epoch: int) -> bool:
+        """Validation result, LR schedule, checkpoint. True when training is over."""
+        if self.plan.validates(epoch):
+            top1, top5 = self.val.errors()
+            self.last_val = {"epoch": epoch, "step": self.step, "top1_error": top1, "top5_error": top5,
+                             "crops": self.config.val_crops, "images": self.val.images}
+            self.val = _ValTally()
+            self.history.write("val", **self.last_val)
+            lr = self.schedule.step(top1, epoch=epoch + 1)
+            if lr != self.optimizer.param_groups[0]["lr"]:
+                log.info("validation error stopped improving: learning rate %g -> %g", self.optimizer.param_groups[0]["lr"], lr)
+                set_lr(self.optimizer, lr)
+            log.info("epoch %d validation: top-1 error %.4f, top-5 error %.4f", epoch, top1, top5)
+        self.checkpoint("epoch")
+        return self.schedule.should_stop or epoch + 1 >= self.config.max_epochs
+
+    # -- reporting -----------------------------------------------------------------
+
+    def _skipped_over_budget(self) -> bool:
+        skipped = sum(self.feed.skipped.values())
+        seen = self.feed.clock.images + skipped
+        # A few bad files early on are not a verdict on the dataset: judge on a fair sample.
+        return seen >= 10 * self.config.batch_size and skipped > self.config.skip_budget * seen
+
+    def _skip_message(self) -> str:
+        skipped = self.feed.skipped
+        return (f"{sum(skipped.values())} samples failed to decode ({skipped}), over the skip budget of "
+                f"{self.config.skip_budget:.1%}: check the dataset")
+
+    def _memory(self) -> dict:
+        if self.device.type == "cuda":
+            return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
+        with open("/proc/self/statm") as fh:
+            return {"cpu": int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+
+    def _beat(self, state: str, force: bool = False) -> None:
+        stats = self.feed.stats()
+        self.copier_beat.maybe(self.feed.clock, force=force)
+        self.beat.maybe(
+            self.clock, force=force, state=state, step=self.step, epoch=self.position[0], seq=self.position[1],
+            steps_per_epoch=self.plan.train_batches, batches_in_epoch=self.plan.batches_in_epoch(self.position[0]),
+            loss=self.loss, lr=self.optimizer.param_groups[0]["lr"], images_per_second=self.rate,
+            val=self.last_val, checkpoint=self.last_checkpoint, reorder=stats["reorder"],
+            slots_in_use=stats["in_use"], skipped=stats["skipped"], malformed=stats["malformed"],
+            memory=self._memory(), max_epochs=self.config.max_epochs, max_steps=self.config.max_steps,
+        )
+
+
+class _ValTally:
+    """Top-1 / top-5 errors over one validation pass."""
+
+    def __init__(self):
+        self.images = self.top1 = self.top5 = 0
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, skipped: int = 0) -> None:
+        k = min(5, probs.shape[1])
+        top = probs.topk(k, dim=1).indices
+        self.top1 += int((top[:, 0] == labels).sum())
+        self.top5 += int((top == labels[:, None]).any(1).sum())
+        self.images += len(labels)
+
+    def errors(self) -> tuple[float, float]:
+        if not self.images:
+            return 1.0, 1.0
+        return 1 - self.top1 / self.images, 1 - self.top5 / self.images
+
+
+def _has_val(dataset) -> bool:
+    try:
+        return len(dataset.split("val")) > 0
+    except DatasetError:
+        return False

@@ -1,0 +1,155 @@
+"""The daemon end to end, as CI smoke-tests it: fake shards -> start -> status -> metrics
+-> kill -9 an augmenter -> stop -> resume -> stop. Real processes, sockets and files."""
+
+import json
+import os
+import signal
+import urllib.request
+
+import pytest
+import torch
+
+from alexnetd.model import latest_checkpoint, load_checkpoint
+from daemon_helpers import alive, cli, free_port, start_args, status, wait_exit, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(port) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    key = f"{name}{{{want}}}" if want else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{key} not exported")
+
+
+def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    started = cli(*start_args(prepared_data, run_dir, port), check=True)
+    assert "alexnetd is training" in started.stdout and f"127.0.0.1:{port}/metrics" in started.stdout
+    assert oct(os.stat(run_dir).st_mode & 0o777) == "0o700"
+    try:
+        first = wait_for(lambda: (s := status(run_dir)) and s["step"] >= 2 and s, what="training to move")
+        assert first["state"] in ("training", "validating")
+        assert set(first["stages"]) == {"loader", "augmenter", "copier", "trainer"}
+        assert first["stages"]["augmenter"]["processes"] == 2
+
+        # A second daemon on the same run directory is refused, and nothing new runs.
+        again = cli(*start_args(prepared_data, run_dir, free_port()))
+        assert again.returncode != 0 and "already running" in again.stderr and "Traceback" not in again.stderr
+
+        text = scrape(port)
+        for stage in ("loader", "augmenter", "copier", "trainer"):
+            assert sample(text, "alexnetd_stage_images_total", stage=stage) > 0
+            assert sample(text, "alexnetd_stage_busy_seconds_total", stage=stage) >= 0
+        assert sample(text, "alexnetd_train_steps_total") >= 2
+        assert sample(text, "alexnetd_state", state="training") + sample(text, "alexnetd_state", state="validating") == 1
+        augmenter_images = sample(text, "alexnetd_stage_images_total", stage="augmenter")
+
+        # kill -9 one augmenter: the input side is rebuilt, training goes on.
+        victim = first["processes"]["augmenter-0"]
+        os.kill(victim, signal.SIGKILL)
+        after = wait_for(lambda: (s := status(run_dir)) and s["restarts"]["augmenter"] == 1
+                         and s["stages"]["augmenter"]["processes"] == 2 and s, what="the augmenter to restart")
+        assert after["processes"]["augmenter-0"] != victim and after["generation"] == 1
+        moving = wait_for(lambda: (s := status(run_dir)) and s["step"] >= after["step"] + 2 and s,
+                          what="training to go on after the restart")
+        assert moving["state"] in ("degraded", "training", "validating")
+        # Counters stay monotonic across the restart.
+        assert sample(scrape(port), "alexnetd_stage_images_total", stage="augmenter") >= augmenter_images
+        assert sample(scrape(port), "alexnetd_stage_restarts_total", stage="augmenter") == 1
+        pids = list(moving["processes"].values())
+    finally:
+        stopped = cli("stop", "--run-dir", run_dir)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not any(alive(pid) for pid in pids), "a stage outlived the daemon"
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None
+    saved = load_checkpoint(checkpoint)
+    assert status(run_dir) is None  # exit code 2: not running
+
+    # The seq ledger: each consumed batch exactly once, in order, across the kill.
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in history if row["kind"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))
+
+    # Start again: it resumes from that checkpoint, at its step.
+    cli(*start_args(prepared_data, run_dir, port), check=True)
+    try:
+        resumed = wait_for(lambda: (s := status(run_dir)) and s["step"] > saved["step"] and s, what="resume")
+        assert resumed["restarts"] == {"loader": 0, "augmenter": 0, "copier": 0, "trainer": 0}
+    finally:
+        cli("stop", "--run-dir", run_dir, check=True)
+    log = (run_dir / "alexnetd.log").read_text()
+    assert f"at epoch {saved['epoch']} seq {saved['next_seq']}, step {saved['step']}" in log
+
+
+def test_resumed_run_reaches_the_same_weights(prepared_data, tmp_path):
+    """Stopped at step 6 and resumed to 12 == 12 steps without a stop (CPU, deterministic)."""
+    common = ["--deterministic", "--seed", 3, "--val-every", 1]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cli(*start_args(prepared_data, straight, free_port(), "--max-steps", 12, *common), check=True)
+    wait_exit(straight)
+    cli(*start_args(prepared_data, split, free_port(), "--max-steps", 6, *common), check=True)
+    wait_exit(split)
+    assert load_checkpoint(latest_checkpoint(split / "checkpoints"))["step"] == 6
+    cli(*start_args(prepared_data, split, free_port(), "--max-steps", 12, *common), check=True)
+    wait_exit(split)
+    a = load_checkpoint(latest_checkpoint(straight / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(split / "checkpoints"))
+    assert a["step"] == b["step"] == 12
+    assert (a["epoch"], a["next_seq"]) == (b["epoch"], b["next_seq"])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["schedule"] == b["schedule"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "/nonexistent/imagenet"], "no such directory"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--batch-size", "100000"], "fewer than one batch"),
+    (["--metrics-addr", "nonsense"], "HOST:PORT"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--gpus", "3"], "CUDA device" if not torch.cuda.is_available() else "invalid choice"),
+    (["--config", "/nonexistent.toml"], "no such config file"),
+])
+def test_start_refuses_bad_input_with_one_line(prepared_data, tmp_path, args, words):
+    argv = ["start", "--data", prepared_data, "--run-dir", tmp_path / "run", "--batch-size", 8,
+            "--metrics-addr", f"127.0.0.1:{free_port()}"]
+    result = cli(*argv, *args)
+    assert result.returncode != 0
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "alexnetd.pid").exists()
+
+
+def test_config_file_unknown_key_is_an_error(prepared_data, tmp_path):
+    config = tmp_path / "alexnetd.toml"
+    config.write_text("batch_size = 8\nlearning_rte = 0.1\n")
+    result = cli("start", "--data", prepared_data, "--run-dir", tmp_path / "run", "--config", config)
+    assert result.returncode != 0 and "unknown key learning_rte" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_metrics_port_in_use_is_refused(prepared_data, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("start", "--data", prepared_data, "--run-dir", tmp_path / "run", "--batch-size", 8,
+                     "--metrics-addr", f"127.0.0.1:{port}")
+    assert result.returncode != 0 and "cannot serve metrics" in result.stderr
+
+
+def test_status_and_stop_without_a_daemon_say_so(tmp_path):
+    result = cli("status", "--run-dir", tmp_path)
+    assert result.returncode == 2 and "not running" in result.stdout
+    result = cli("stop", "--run-dir", tmp_path)
+    assert result.returncode == 2 and "not running" in result.stdout
