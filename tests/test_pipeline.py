@@ -4,7 +4,6 @@ import hashlib
 import time
 
 import numpy as np
-import pytest
 import zmq
 
 from alexnetd.pipeline import wire
