@@ -71,8 +71,8 @@ class Decoder:
         at 1/4 scale, about 10× less IDCT work than decoding it whole.
 
         `bgr=True` serves the augmenters' mirroring: reversing the bytes of a BGR row
-        gives the mirrored row in RGB, one fast contiguous-source copy instead of a
-        slow 3-byte-strided one.
+        gives the mirrored row in RGB, so a mirror is a word-wise reversal instead of a
+        slow 3-byte-strided copy.
         """
         if len(data) == 0:
             raise SkipSample("truncated", "empty file")
