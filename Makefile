@@ -14,7 +14,7 @@ ASROOT := $(shell if [ "$$(id -u)" = 0 ]; then echo; elif sudo -n true 2>/dev/nu
 
 # The daemon on generated shards, on the CPU: start it detached, watch `status` a few
 # times while it trains, then stop it (it leaves a checkpoint in $(DEMO_RUN)/checkpoints).
-DEMO_FLAGS ?= --batch-size 32 --augmenters 1 --bias-init caffe --lr-patience 1 --max-epochs 20 --log-every 2
+DEMO_FLAGS ?= --batch-size 32 --lr 0.0025 --augmenters 1 --bias-init caffe --lr-patience 2 --max-epochs 20 --log-every 2
 demo: install
 	@test -f $(DEMO_DATA)/manifest.json || $(BIN)/alexnetd fake-data $(DEMO_DATA) --classes 4 --train-per-class 64 --val-per-class 16 --shards 2
 	$(BIN)/alexnetd start --data $(DEMO_DATA) --run-dir $(DEMO_RUN) --fresh $(DEMO_FLAGS)

@@ -24,14 +24,14 @@ import zmq
 
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.augment import run_augmenter
-from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.feed import Feed
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import Endpoints
 
-__all__ = ["InputPipeline", "default_augmenters", "spawn_context"]
+__all__ = ["InputPipeline", "input_stages", "default_augmenters", "spawn_context"]
 
 spawn_context = multiprocessing.get_context("spawn")
 
@@ -40,6 +40,18 @@ def default_augmenters() -> int:
     """One augmenter per core, less one for the loader and trainer when there are many."""
     cores = len(os.sched_getaffinity(0))
     return max(1, cores - 1) if cores > 2 else cores
+
+
+def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, augmenters: int,
+                 needs_resize: bool, generation: int, max_pixels: int | None = None) -> dict:
+    """name -> (entry point, config) of every input process of one generation."""
+    common = dict(endpoints=endpoints, batch=plan.batch, seed=plan.seed, slots=slots)
+    stages = {"loader": (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
+                                          world=plan.world, generation=generation))}
+    for i in range(augmenters):
+        stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i, needs_resize=needs_resize,
+                                                         max_pixels=max_pixels))
+    return stages
 
 
 class InputPipeline:
@@ -53,11 +65,7 @@ class InputPipeline:
         self.n_augmenters = augmenters or default_augmenters()
         # A few slots per augmenter keep every augmenter busy while the trainer holds one.
         self.slots = slots or max(3, 2 * self.n_augmenters + 2)
-        try:
-            n_val = len(self.dataset.split("val"))
-        except DatasetError:
-            n_val = 0
-        self.plan = BatchPlan(len(self.dataset.split("train")), n_val, batch, seed, val_every, rank, world)
+        self.plan = BatchPlan.for_dataset(self.dataset, batch, seed, val_every, rank, world)
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
         self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device)
@@ -81,21 +89,11 @@ class InputPipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def stage_configs(self) -> dict[str, dict]:
-        """name -> config of every input process of the current generation."""
-        ends = self.endpoints.as_dict()
-        common = dict(endpoints=ends, batch=self.plan.batch, seed=self.plan.seed, slots=self.slots)
-        configs = {"loader": dict(common, data=self.data, val_every=self.plan.val_every,
-                                  rank=self.plan.rank, world=self.plan.world, generation=self.generation)}
-        for i in range(self.n_augmenters):
-            configs[f"augmenter-{i}"] = dict(common, ring=self.ring.name, index=i,
-                                             needs_resize=self.dataset.split("train").needs_resize,
-                                             max_pixels=self.max_pixels)
-        return configs
-
     def start_input(self) -> None:
-        for name, cfg in self.stage_configs().items():
-            target = run_loader if name == "loader" else run_augmenter
+        stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
+                              self.n_augmenters, self.dataset.split("train").needs_resize, self.generation,
+                              self.max_pixels)
+        for name, (target, cfg) in stages.items():
             proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{name}", daemon=True)
             proc.start()
             self.processes[name] = proc

@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from alexnetd.pipeline import wire
-from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
@@ -34,13 +34,9 @@ def run_loader(cfg: dict) -> None:
     world, generation, slots."""
     stop = StopFlag()
     dataset = open_dataset(cfg["data"])
-    splits = {"train": dataset.split("train")}
-    try:
-        splits["val"] = dataset.split("val")
-    except DatasetError:  # a dataset without val/ trains without validation
-        pass
-    plan = BatchPlan(len(splits["train"]), len(splits["val"]) if "val" in splits else 0, cfg["batch"],
-                     cfg["seed"], cfg.get("val_every", 1), cfg.get("rank", 0), cfg.get("world", 1))
+    splits = {name: dataset.split(name) for name in dataset.splits}
+    plan = BatchPlan.for_dataset(dataset, cfg["batch"], cfg["seed"], cfg.get("val_every", 1), cfg.get("rank", 0),
+                                 cfg.get("world", 1))
     generation = cfg["generation"]
     ends = cfg["endpoints"]
 

@@ -39,6 +39,13 @@ class BatchPlan:
     rank: int = 0          # data parallel: rank r of `world` takes every world-th batch
     world: int = 1
 
+    @classmethod
+    def for_dataset(cls, dataset, batch: int, seed: int = 0, val_every: int = 1, rank: int = 0,
+                    world: int = 1) -> "BatchPlan":
+        """The plan of an opened dataset; one without a val/ split trains without validation."""
+        n_val = len(dataset.split("val")) if "val" in dataset.splits else 0
+        return cls(len(dataset.split("train")), n_val, batch, seed, val_every, rank, world)
+
     def __post_init__(self):
         if self.n_train < self.batch * self.world:
             raise ValueError(f"{self.n_train} training images are fewer than one batch of "

@@ -34,10 +34,9 @@ import zmq
 from prometheus_client import CollectorRegistry, start_http_server
 
 from alexnetd.pipeline import wire
-from alexnetd.pipeline.augment import run_augmenter
 from alexnetd.pipeline.dataset import open_dataset
-from alexnetd.pipeline.launch import default_augmenters, spawn_context
-from alexnetd.pipeline.loader import run_loader
+from alexnetd.pipeline.launch import default_augmenters, input_stages, spawn_context
+from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import STAGES, Endpoints
 from alexnetd.service.config import Config, parse_addr
@@ -70,6 +69,7 @@ class Supervisor:
         self.started = time.time()
         dataset = open_dataset(config.data)
         self.needs_resize = dataset.split("train").needs_resize
+        self.plan = BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every)
         self.n_augmenters = config.augmenters or default_augmenters()
         self.slots = config.slots or max(3, 2 * self.n_augmenters + 2)
         self.endpoints = Endpoints.in_dir(self.run_dir)
@@ -198,13 +198,10 @@ class Supervisor:
                     self.endpoints.as_dict(), resume)
 
     def _spawn_input(self) -> None:
-        ends = self.endpoints.as_dict()
-        common = dict(endpoints=ends, batch=self.config.batch_size, seed=self.config.seed, slots=self.slots)
-        self._spawn("loader", run_loader, dict(common, data=self.config.data, val_every=self.config.val_every,
-                                               generation=self.generation))
-        for i in range(self.n_augmenters):
-            self._spawn(f"augmenter-{i}", run_augmenter, dict(common, ring=self.ring.name, index=i,
-                                                               needs_resize=self.needs_resize))
+        stages = input_stages(self.config.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
+                              self.n_augmenters, self.needs_resize, self.generation)
+        for name, (target, cfg) in stages.items():
+            self._spawn(name, target, cfg)
 
     def _stop_processes(self, names, timeout: float = 5.0) -> None:
         procs = [(n, self.processes.pop(n)) for n in names if n in self.processes]

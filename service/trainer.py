@@ -73,9 +73,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.dataset = open_dataset(config.data)
         mean, eigvals, eigvecs = self.dataset.stats()
-        n_val = len(self.dataset.split("val")) if _has_val(self.dataset) else 0
-        self.plan = BatchPlan(len(self.dataset.split("train")), n_val, config.batch_size, config.seed,
-                              config.val_every)
+        self.plan = BatchPlan.for_dataset(self.dataset, config.batch_size, config.seed, config.val_every)
         if config.deterministic:
             set_deterministic(config.seed)
         else:
@@ -229,7 +227,7 @@ class Trainer:
             logits = self.model(x)
         # §4.1: average the softmax over the crops of each image
         probs = logits.float().softmax(1).reshape(batch.n, crops, -1).mean(1)
-        self.val.add(probs, batch.labels.to(probs.device), skipped=len(batch.skipped))
+        self.val.add(probs, batch.labels.to(probs.device))
 
     def _end_of_epoch(self, epoch: int) -> bool:
         """Validation result, LR schedule, checkpoint. True when training is over."""
@@ -285,7 +283,7 @@ class _ValTally:
     def __init__(self):
         self.images = self.top1 = self.top5 = 0
 
-    def add(self, probs: torch.Tensor, labels: torch.Tensor, skipped: int = 0) -> None:
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         k = min(5, probs.shape[1])
         top = probs.topk(k, dim=1).indices
         self.top1 += int((top[:, 0] == labels).sum())
@@ -296,10 +294,3 @@ class _ValTally:
         if not self.images:
             return 1.0, 1.0
         return 1 - self.top1 / self.images, 1 - self.top5 / self.images
-
-
-def _has_val(dataset) -> bool:
-    try:
-        return len(dataset.split("val")) > 0
-    except DatasetError:
-        return False

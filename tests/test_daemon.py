@@ -153,3 +153,17 @@ def test_status_and_stop_without_a_daemon_say_so(tmp_path):
     assert result.returncode == 2 and "not running" in result.stdout
     result = cli("stop", "--run-dir", tmp_path)
     assert result.returncode == 2 and "not running" in result.stdout
+
+
+def test_past_the_skip_budget_the_daemon_stops_with_a_reason(raw_data, tmp_path):
+    """raw_data has 3 undecodable files among 21 training images: far over a 1 % budget."""
+    run_dir = tmp_path / "run"
+    result = cli("start", "--data", raw_data, "--run-dir", run_dir, "--batch-size", 4, "--augmenters", 1,
+                 "--skip-budget", 0.01, "--metrics-addr", f"127.0.0.1:{free_port()}")
+    wait_exit(run_dir)
+    reason = json.loads((run_dir / "halt.json").read_text())["reason"]
+    assert "over the skip budget" in reason and "truncated" in reason
+    assert status(run_dir) is None
+    # Either start saw the halt before training moved (and said why), or it was already training.
+    assert result.returncode == 0 or "skip budget" in result.stderr
+    assert "halting" in (run_dir / "alexnetd.log").read_text()

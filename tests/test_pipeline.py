@@ -177,3 +177,15 @@ def test_restarting_the_input_side_loses_and_repeats_nothing(prepared_data, tmp_
         pipe.restart_input()
         after = collect(pipe, 9)
     assert before + after == reference
+
+
+def test_a_crashed_runs_ring_segment_is_replaced(prepared_data, tmp_path):
+    from alexnetd.pipeline.ring import SHM_DIR, ring_name
+
+    run_dir = tmp_path / "run"
+    stale = SHM_DIR / ring_name(run_dir)
+    stale.write_bytes(b"left by a run that was killed")
+    with InputPipeline(prepared_data, run_dir, batch=BATCH, augmenters=1, val_every=0) as pipe:
+        assert stale.stat().st_size == pipe.ring.slots * pipe.ring.slot_bytes
+        assert len(collect(pipe, 2)) == 2
+    assert not stale.exists()  # and a clean stop removes it
