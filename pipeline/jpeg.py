@@ -59,7 +59,9 @@ class Decoder:
         self.max_pixels = max_pixels
         self.flags = (TJFLAG_FASTDCT | TJFLAG_FASTUPSAMPLE) if fast else 0
         # (num, denom) pairs, largest scale first: 1/1, 7/8, ... 1/8.
-        self.scales = sorted(self.turbo.scaling_factors, key=lambda f: f[0] / f[1], reverse=True)
+        # Down-scaling only: an image smaller than wanted is decoded whole and resized.
+        self.scales = sorted((f for f in self.turbo.scaling_factors if f[0] <= f[1]),
+                             key=lambda f: f[0] / f[1], reverse=True)
 
     # -- the two entry points ------------------------------------------------------
 

@@ -367,9 +367,10 @@ class Supervisor:
     def _current_state(self) -> str:
         if self.stopping_since is not None:
             return "stopping"
-        up = all(p.is_alive() for p in self.processes.values())
-        if self.state != "starting" and (not up or time.monotonic() - self.last_restart < DEGRADED_FOR):
-            return "degraded" if self.last_restart or not up else self.state
+        down = not all(p.is_alive() for p in self.processes.values())
+        restarted = self.last_restart and time.monotonic() - self.last_restart < DEGRADED_FOR
+        if self.state != "starting" and (down or restarted):
+            return "degraded"
         return self.state
 
     def status(self) -> dict:

@@ -4,6 +4,8 @@ import hashlib
 import time
 
 import numpy as np
+import pytest
+import torch
 import zmq
 
 from alexnetd.pipeline import wire
@@ -189,3 +191,20 @@ def test_a_crashed_runs_ring_segment_is_replaced(prepared_data, tmp_path):
         assert stale.stat().st_size == pipe.ring.slots * pipe.ring.slot_bytes
         assert len(collect(pipe, 2)) == 2
     assert not stale.exists()  # and a clean stop removes it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copier_hands_over_device_batches_equal_to_the_ring(prepared_data, tmp_path):
+    runs = {}
+    for device in ("cpu", "cuda"):
+        with InputPipeline(prepared_data, tmp_path / device, batch=BATCH, augmenters=2, seed=2, device=device) as pipe:
+            batches = []
+            for _ in range(4):
+                batch = pipe.feed.next_batch(timeout_ms=60_000)
+                assert batch.images.device.type == device
+                batches.append(batch.images.cpu().clone())
+                pipe.feed.release(batch)
+            runs[device] = batches
+    for cpu, cuda in zip(runs["cpu"], runs["cuda"]):
+        assert torch.equal(cpu, cuda)

@@ -1,0 +1,80 @@
+"""The decoder: what decodes, what is skipped and why, and the DCT-scaled down-sampling."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnetd.pipeline.jpeg import Decoder, SkipSample
+
+rng = np.random.default_rng(0)
+
+
+def jpeg(width=320, height=240, mode="RGB", quality=90) -> bytes:
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def with_size(data: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with a start-of-frame that claims another size (a bomb header)."""
+    at = data.index(b"\xff\xc0") + 5  # marker, length(2), precision(1), then height, width
+    return data[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 4:]
+
+
+def test_rgb_jpeg_decodes_to_its_size():
+    image = Decoder().decode_rgb(jpeg(320, 240))
+    assert image.shape == (240, 320, 3) and image.dtype == np.uint8
+
+
+def test_bgr_is_rgb_reversed():
+    data = jpeg()
+    rgb, bgr = Decoder().decode_rgb(data), Decoder().decode_rgb(data, bgr=True)
+    assert np.array_equal(rgb, bgr[:, :, ::-1])
+
+
+def test_dct_scaling_picks_the_smallest_scale_not_below_the_wanted_side():
+    image = Decoder().decode_rgb(jpeg(2048, 1536), min_side=256)
+    assert image.shape == (384, 512, 3)  # 1/4 scale; 1/8 would be 192 < 256
+    small = Decoder().decode_rgb(jpeg(200, 150), min_side=256)
+    assert small.shape == (150, 200, 3)  # never scaled up by the IDCT
+
+
+def test_decode_square_is_the_papers_downsampling():
+    image = Decoder().decode_square(jpeg(500, 375), 256)
+    assert image.shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_become_rgb(mode):
+    image = Decoder().decode_rgb(jpeg(64, 48, mode=mode))
+    assert image.shape == (48, 64, 3)
+
+
+def test_png_named_jpeg_is_decoded():
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(out, format="PNG")
+    assert Decoder().decode_rgb(out.getvalue()).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "truncated"),
+    (jpeg()[:2000], "truncated"),
+    (bytes(rng.integers(0, 256, 5000, dtype=np.uint8)), "undecodable"),
+    (with_size(jpeg(), 60000, 60000), "too_large"),
+])
+def test_bad_images_are_skipped_with_a_reason(data, reason):
+    with pytest.raises(SkipSample) as info:
+        Decoder().decode_rgb(data)
+    assert info.value.reason == reason
+
+
+def test_pixel_budget_is_checked_before_decoding():
+    data = with_size(jpeg(64, 64), 9000, 9000)  # 81 Mpx claimed by a 64x64 stream
+    with pytest.raises(SkipSample) as info:
+        Decoder(max_pixels=64_000_000).decode_rgb(data)
+    assert info.value.reason == "too_large"
+    assert Decoder(max_pixels=10_000).decode_rgb(jpeg(64, 64)).shape == (64, 64, 3)
