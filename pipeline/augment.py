@@ -49,7 +49,7 @@ def run_augmenter(cfg: dict) -> None:
     ready.setsockopt(zmq.LINGER, 1000)
     ready.connect(ends["ready"])
     clock = StageClock()
-    beat = Heartbeat(ctx, ends.get("beats"), "augmenter", index=cfg.get("index", 0))
+    beat = Heartbeat(ctx, ends.get("beats"), "augmenter", index=cfg.get("index", 0), rank=cfg.get("rank", 0))
 
     while not stop.stopping:
         with clock.timing("starved"):

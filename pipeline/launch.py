@@ -50,7 +50,7 @@ def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: 
                                           world=plan.world, generation=generation))}
     for i in range(augmenters):
         stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i, needs_resize=needs_resize,
-                                                         max_pixels=max_pixels))
+                                                         max_pixels=max_pixels, rank=plan.rank))
     return stages
 
 

@@ -53,7 +53,7 @@ def run_loader(cfg: dict) -> None:
     hello.connect(ends["ready"])
 
     clock = StageClock()
-    beat = Heartbeat(ctx, ends.get("beats"), "loader", generation=generation)
+    beat = Heartbeat(ctx, ends.get("beats"), "loader", generation=generation, rank=cfg.get("rank", 0))
     free: set[int] | None = None   # unknown until the feed's sync
     position = None
     last_hello = 0.0

@@ -79,7 +79,9 @@ class Config:
             (self.device in ("cpu", "cuda"), "device must be 'cpu' or 'cuda'"),
             (self.gpus in (1, 2), "gpus must be 1 or 2"),
             (self.parallel in ("model", "data"), "parallel must be 'model' or 'data'"),
-            (self.gpus == 1 or self.device == "cuda", "gpus 2 needs device cuda"),
+            # Two CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.
+            (self.gpus == 1 or self.device == "cuda" or self.parallel == "data",
+             "gpus 2 with parallel model needs device cuda"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.heartbeat_timeout > 0, "heartbeat_timeout must be > 0"),
             (self.restart_limit >= 0, "restart_limit must be >= 0"),

@@ -47,7 +47,7 @@ def _options(func):
         click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[cpu]"),
-        click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs [1]."),
+        click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs (model) or two replicas (data; two CPU processes with --device cpu) [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
         click.option("--seed", type=int, help="[0]"),
@@ -75,8 +75,6 @@ def resolve_config(data, run_dir, config_file, **flags) -> Config:
     run_dir = Path(run_dir).expanduser() if run_dir else default_run_dir()
     config = load_config(config_file, data=str(Path(data).expanduser().resolve()), run_dir=str(run_dir.resolve()),
                          **flags)
-    if config.parallel == "data" and config.gpus == 2:
-        raise ConfigError("--parallel data (DDP) is not available yet; use --parallel model for two GPUs")
     return config
 
 

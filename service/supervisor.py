@@ -21,10 +21,12 @@ Signal handlers only record the signal; the main loop acts on it (gunicorn's rul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -69,12 +71,18 @@ class Supervisor:
         self.started = time.time()
         dataset = open_dataset(config.data)
         self.needs_resize = dataset.split("train").needs_resize
-        self.plan = BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every)
+        # Data parallel: one trainer per device, each with its own input side (ring,
+        # sockets, loader, augmenters) reading every world-th batch.
+        self.world = config.gpus if config.parallel == "data" else 1
+        self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
+                      for rank in range(self.world)]
         self.n_augmenters = config.augmenters or default_augmenters()
         self.slots = config.slots or max(3, 2 * self.n_augmenters + 2)
         self.endpoints = Endpoints.in_dir(self.run_dir)
-        self.ring: Ring | None = None
-        self.generation = 0
+        self.rank_endpoints = [self.endpoints] if self.world == 1 else [
+            dataclasses.replace(Endpoints.in_dir(self._rank_dir(r)), beats=self.endpoints.beats) for r in range(self.world)]
+        self.rings: list[Ring] = []
+        self.generations = [0] * self.world
         self.processes: dict[str, spawn_context.Process] = {}
         self.booted: set[str] = set()           # names that have sent a beat since their start
         self.last_beat: dict[str, float] = {}   # name -> monotonic time of its last beat
@@ -113,11 +121,13 @@ class Supervisor:
         signal.set_wakeup_fd(wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda s, f: self.signals.append(s))
-        self.ring = Ring(ring_name(self.run_dir), self.slots, self.config.batch_size, create=True)
+        self.rings = [Ring(ring_name(self._rank_dir(r)), self.slots, self.config.batch_size, create=True)
+                      for r in range(self.world)]
         code = 0
         try:
-            self._spawn_trainer(resume=not self.fresh)
-            self._spawn_input()
+            self._spawn_trainers(resume=not self.fresh)
+            for rank in range(self.world):
+                self._spawn_input(rank)
             code = self._loop(wakeup_r)
         except Halt as exc:
             self.halt_reason = str(exc)
@@ -127,8 +137,9 @@ class Supervisor:
         finally:
             self._kill_all()
             self.http.shutdown()
-            self.ring.close()
-            self.ring.unlink()
+            for ring in self.rings:
+                ring.close()
+                ring.unlink()
             for sock in (self.control, self.beat_socket):
                 sock.close(linger=0)
             Path(control_endpoint(self.run_dir)[len("ipc://"):]).unlink(missing_ok=True)
@@ -178,9 +189,9 @@ class Supervisor:
         self.history.write("event", event="stop", reason=why)
         self.stopping_since = time.monotonic()
         self.state = "stopping"
-        trainer = self.processes.get("trainer")
-        if trainer is not None and trainer.is_alive():
-            os.kill(trainer.pid, signal.SIGTERM)
+        for name in self._trainer_names():
+            if self.processes[name].is_alive():
+                os.kill(self.processes[name].pid, signal.SIGTERM)
 
     # -- processes -----------------------------------------------------------------
 
@@ -192,16 +203,29 @@ class Supervisor:
         self.last_beat[name] = time.monotonic()
         log.info("started %s (pid %d)", name, proc.pid)
 
-    def _spawn_trainer(self, resume: bool) -> None:
-        (self.run_dir / "halt.json").unlink(missing_ok=True)
-        self._spawn("trainer", run_trainer, self.config.to_dict(), self.ring.name, self.slots,
-                    self.endpoints.as_dict(), resume)
+    def _name(self, base: str, rank: int) -> str:
+        """Process names: "trainer", "augmenter-1"; with several ranks "trainer@1"..."""
+        return base if self.world == 1 else f"{base}@{rank}"
 
-    def _spawn_input(self) -> None:
-        stages = input_stages(self.config.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
-                              self.n_augmenters, self.needs_resize, self.generation)
+    def _rank_dir(self, rank: int) -> Path:
+        if self.world == 1:
+            return self.run_dir
+        path = self.run_dir / f"rank{rank}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def _spawn_trainers(self, resume: bool) -> None:
+        (self.run_dir / "halt.json").unlink(missing_ok=True)
+        rendezvous = _free_port() if self.world > 1 else 0  # torch.distributed's, on the loopback
+        for rank in range(self.world):
+            self._spawn(self._name("trainer", rank), run_trainer, self.config.to_dict(), self.rings[rank].name,
+                        self.slots, self.rank_endpoints[rank].as_dict(), resume, rank, self.world, rendezvous)
+
+    def _spawn_input(self, rank: int) -> None:
+        stages = input_stages(self.config.data, self.rank_endpoints[rank].as_dict(), self.plans[rank], self.slots,
+                              self.rings[rank].name, self.n_augmenters, self.needs_resize, self.generations[rank])
         for name, (target, cfg) in stages.items():
-            self._spawn(name, target, cfg)
+            self._spawn(self._name(name, rank), target, cfg)
 
     def _stop_processes(self, names, timeout: float = 5.0) -> None:
         procs = [(n, self.processes.pop(n)) for n in names if n in self.processes]
@@ -236,22 +260,25 @@ class Supervisor:
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
-            copier = self.beats.pop("copier", None)
+            copier = self.beats.pop(name.replace("trainer", "copier"), None)
             if copier is not None:
                 for key in COUNTER_KEYS:
                     self.retired["copier"][key] += copier["counters"][key]
 
-    def _input_names(self) -> list[str]:
-        return [n for n in self.processes if n != "trainer"]
+    def _trainer_names(self) -> list[str]:
+        return [n for n in self.processes if _stage_of(n) == "trainer"]
+
+    def _input_names(self, rank: int | None = None) -> list[str]:
+        return [n for n in self.processes if _stage_of(n) != "trainer" and (rank is None or _rank_of(n) == rank)]
 
     def _reap(self) -> int | None:
         """React to exited processes. Returns the daemon's exit code when it is done."""
-        trainer = self.processes.get("trainer")
-        if trainer is not None and trainer.exitcode is not None:
-            code = trainer.exitcode
-            self.processes.pop("trainer")
-            self._retire("trainer")
+        exited = [n for n in self._trainer_names() if self.processes[n].exitcode is not None]
+        if exited:
+            code = self.processes[exited[0]].exitcode
             if code == 0:
+                # Ranks stop together (they agree on it every step): let the others finish.
+                self._stop_processes(self._trainer_names(), timeout=STOP_TIMEOUT)
                 log.info("trainer finished (%s)", "stop requested" if self.stopping_since else "training done")
                 self._stop_processes(self._input_names())
                 return 0
@@ -259,7 +286,7 @@ class Supervisor:
                 raise Halt(self._halt_file() or f"trainer exited with code {code}")
             if self.stopping_since is not None:
                 return 1
-            self._restart("trainer", f"trainer exited with code {code}")
+            self._restart("trainer", f"{exited[0]} exited with code {code}")
             return None
         dead = [n for n in self._input_names() if self.processes[n].exitcode is not None]
         if dead and self.stopping_since is None:
@@ -292,13 +319,20 @@ class Supervisor:
         times.append(now)
         self.restarts[stage] += 1
         self.last_restart = now
-        log.warning("%s: restarting the %s", why, "trainer from its checkpoint" if stage == "trainer" else "input side")
+        log.warning("%s: restarting the %s", why, "trainers from their checkpoint" if stage == "trainer" else "input side")
         self.history.write("event", event="restart", stage=stage, reason=why)
-        self._stop_processes(self._input_names())
-        self.generation += 1
+        # A dead trainer takes every rank with it (a collective cannot go on with one
+        # member gone); a dead input stage only its own rank's input side.
+        ranks = range(self.world) if name is None else [_rank_of(name)]
         if stage == "trainer":
-            self._spawn_trainer(resume=True)
-        self._spawn_input()
+            self._stop_processes(self._trainer_names())
+        for rank in ranks:
+            self._stop_processes(self._input_names(rank))
+            self.generations[rank] += 1
+        if stage == "trainer":
+            self._spawn_trainers(resume=True)
+        for rank in ranks:
+            self._spawn_input(rank)
 
     def _halt_file(self) -> str | None:
         path = self.run_dir / "halt.json"
@@ -317,18 +351,20 @@ class Supervisor:
                 return
             except wire.WireError:
                 continue
-            stage, index = msg.get("stage"), msg.get("index", 0)
-            name = stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}"
-            pid_owner = "trainer" if stage == "copier" else name
+            stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", 0)
+            if not isinstance(rank, int) or not 0 <= rank < self.world:
+                continue
+            name = self._name(stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}", rank)
+            pid_owner = self._name("trainer", rank) if stage == "copier" else name
             proc = self.processes.get(pid_owner)
             if proc is None or proc.pid != msg.get("pid"):
                 continue  # a beat from a process already replaced
-            if stage == "loader" and msg.get("generation") != self.generation:
+            if stage == "loader" and msg.get("generation") != self.generations[rank]:
                 continue
             self.beats[name] = msg.header
             self.last_beat[pid_owner] = time.monotonic()
             self.booted.add(pid_owner)
-            if stage == "trainer" and self.stopping_since is None:
+            if stage == "trainer" and rank == 0 and self.stopping_since is None:
                 moving = msg.get("step", 0) > 0 or msg.get("state") == "validating"
                 if self.state == "starting" and not moving:
                     continue
@@ -345,7 +381,7 @@ class Supervisor:
         now = time.monotonic()
         if self.rates and now - self.rates[-1][0] < 1.0:
             return
-        trainer = self.beats.get("trainer", {})
+        trainer = self.beats.get(self._name("trainer", 0), {})
         self.rates.append((now, self._totals(), trainer.get("step", 0)))
         while len(self.rates) > 2 and now - self.rates[0][0] > RATE_WINDOW:
             self.rates.popleft()
@@ -374,11 +410,11 @@ class Supervisor:
         return self.state
 
     def status(self) -> dict:
-        trainer = self.beats.get("trainer", {})
+        trainer = self.beats.get(self._name("trainer", 0), {})
         stages = self._stage_rates()
         for stage in STAGES:
-            names = [n for n in self.processes if _stage_of(n) == stage] or (["trainer"] if stage == "copier" and "trainer" in self.processes else [])
-            stages[stage]["processes"] = sum(1 for n in names if self.processes[n].is_alive())
+            owner = "trainer" if stage == "copier" else stage  # the copier is a thread of each trainer
+            stages[stage]["processes"] = sum(1 for n, p in self.processes.items() if _stage_of(n) == owner and p.is_alive())
             stages[stage]["restarts"] = self.restarts[stage]
         # The bottleneck is the stage that is busiest while the trainer waits for it.
         bottleneck = max(STAGES, key=lambda s: stages[s]["busy"]) if any(stages[s]["busy"] for s in STAGES) else None
@@ -424,7 +460,8 @@ class Supervisor:
                 "path": checkpoint["path"], "step": checkpoint["step"],
                 "age_seconds": round(time.time() - checkpoint["t"], 1)},
             "metrics_url": f"http://{self.config.metrics_addr}/metrics",
-            "generation": self.generation,
+            "generation": max(self.generations),
+            "world_size": self.world,
             "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
             "halt_reason": self.halt_reason,
         }
@@ -436,7 +473,7 @@ class Supervisor:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
     def metrics_snapshot(self) -> dict:
-        trainer = self.beats.get("trainer", {})
+        trainer = self.beats.get(self._name("trainer", 0), {})
         totals = self._totals()
         status = self.status()
         stages = {s: dict(totals[s], processes=status["stages"][s]["processes"], restarts=self.restarts[s])
@@ -458,7 +495,7 @@ class Supervisor:
                  status["state"], status["epoch"], status["step"], 100 * status["epoch_progress"],
                  status["images_per_second"], _fmt(status["loss"]), _fmt(status["learning_rate"]),
                  status["bottleneck"] or "-")
-        self.history.write("stages", step=self.beats.get("trainer", {}).get("step", 0),
+        self.history.write("stages", step=self.beats.get(self._name("trainer", 0), {}).get("step", 0),
                            rates={s: stages[s]["images_per_second"] for s in STAGES},
                            busy={s: stages[s]["busy"] for s in STAGES})
 
@@ -487,7 +524,18 @@ def _fmt(value) -> str:
 
 
 def _stage_of(name: str) -> str:
-    return "augmenter" if name.startswith("augmenter") else name
+    base = name.split("@")[0]
+    return "augmenter" if base.startswith("augmenter") else base
+
+
+def _rank_of(name: str) -> int:
+    return int(name.split("@")[1]) if "@" in name else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import zmq
+from torch.nn.parallel import DistributedDataParallel
 
 from alexnetd.model import (AlexNet, CheckpointError, PaperSGD, PlateauSchedule, TwoTowerAlexNet,
                             autocast_context, load_latest_checkpoint, load_rng_state, rng_state,
@@ -46,18 +48,29 @@ EXIT_HALT = 4   # stopped on purpose with a reason (skip budget): do not restart
 WAIT_MS = 500
 
 
-def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool) -> None:
-    """Process entry point."""
+def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool,
+                rank: int = 0, world: int = 1, rendezvous_port: int = 0) -> None:
+    """Process entry point. With world > 1, this is rank `rank` of a data-parallel group
+    (DDP) that meets on 127.0.0.1:rendezvous_port."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     config = Config(**cfg)
     stop = StopFlag()
     try:
-        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop)
+        if world > 1:
+            _join_group(config, rank, world, rendezvous_port)
+        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop, rank, world)
     except (CheckpointError, DatasetError, ValueError) as exc:
         _halt(config.run_dir, f"trainer could not start: {exc}")
         sys.exit(EXIT_BOOT)
     sys.exit(trainer.run())
+
+
+def _join_group(config: Config, rank: int, world: int, port: int) -> None:
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    if config.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def _halt(run_dir: str, reason: str) -> None:
@@ -67,25 +80,32 @@ def _halt(run_dir: str, reason: str) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Config, ring: Ring, endpoints: dict, resume: bool, stop: StopFlag | None = None):
+    def __init__(self, config: Config, ring: Ring, endpoints: dict, resume: bool, stop: StopFlag | None = None,
+                 rank: int = 0, world: int = 1):
         self.config, self.ring, self.stop = config, ring, stop
+        self.rank, self.world = rank, world
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.dataset = open_dataset(config.data)
         mean, eigvals, eigvecs = self.dataset.stats()
-        self.plan = BatchPlan.for_dataset(self.dataset, config.batch_size, config.seed, config.val_every)
+        # Each rank trains on every world-th batch of the same per-epoch permutation.
+        self.plan = BatchPlan.for_dataset(self.dataset, config.batch_size, config.seed, config.val_every, rank, world)
         if config.deterministic:
             set_deterministic(config.seed)
         else:
             torch.manual_seed(config.seed)
-        self.device = torch.device("cuda:0" if config.device == "cuda" else "cpu")
+        self.device = torch.device(f"cuda:{rank}" if config.device == "cuda" else "cpu")
         num_classes = len(self.dataset.classes)
-        if config.gpus == 2:
+        if config.gpus == 2 and config.parallel == "model":
             self.model = TwoTowerAlexNet(num_classes, config.dropout, config.bias_init, devices=("cuda:0", "cuda:1"))
         else:
             self.model = AlexNet(num_classes, config.dropout, config.bias_init).to(self.device)
             if self.device.type == "cuda" and config.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = self.model  # what the step calls: the model, or its DDP wrapper
+        if world > 1:
+            # DDP broadcasts rank 0's initial weights, and all-reduces gradients in the step.
+            self.net = DistributedDataParallel(self.model, device_ids=[rank] if self.device.type == "cuda" else None)
         self.optimizer = PaperSGD(self.model.parameters(), config.lr, config.momentum, config.weight_decay)
         self.schedule = PlateauSchedule(config.lr, patience=config.lr_patience, max_epochs=config.max_epochs)
         self.transform = InputTransform(mean, eigvals, eigvecs, self.device, lighting=config.lighting)
@@ -98,9 +118,9 @@ class Trainer:
             self._resume()
         self.feed = Feed(endpoints, ring, self.plan, self.position, config.device)
         self.clock = StageClock()
-        self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer")
-        self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier")
-        self.history = History(self.run_dir)
+        self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
+        self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
+        self.history = History(self.run_dir) if rank == 0 else _NoHistory()
         self.rate = 0.0
         self.val = _ValTally()
 
@@ -126,6 +146,8 @@ class Trainer:
         log.info("resumed from %s at epoch %d seq %d, step %d", path, *self.position, self.step)
 
     def checkpoint(self, reason: str) -> None:
+        if self.rank != 0:
+            return  # every rank holds the same weights; rank 0 writes them
         epoch, seq = self.position
         if seq > self.plan.train_batches:  # inside validation: resume re-runs all of it
             seq = self.plan.train_batches
@@ -157,7 +179,13 @@ class Trainer:
         reason = "stopped"
         try:
             while True:
-                if self.stop is not None and self.stop.stopping:
+                stopping, over_budget = self._agree(self.stop is not None and self.stop.stopping,
+                                                    self._skipped_over_budget())
+                if over_budget:
+                    _halt(self.config.run_dir, self._skip_message())
+                    self.checkpoint("halt")
+                    return EXIT_HALT
+                if stopping:
                     break
                 with self.clock.timing("starved"):
                     batch = self.feed.next_batch(WAIT_MS)
@@ -172,10 +200,6 @@ class Trainer:
                         self._val_step(batch)
                 self.feed.release(batch)
                 self.position = self.feed.position
-                if self._skipped_over_budget():
-                    _halt(self.config.run_dir, self._skip_message())
-                    self.checkpoint("halt")
-                    return EXIT_HALT
                 if seq == self.plan.batches_in_epoch(epoch) - 1:
                     if self._end_of_epoch(epoch):
                         reason = "finished"
@@ -201,7 +225,7 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True)
         self.model.train()
         with autocast_context(self.device, self.config.bf16 and self.device.type == "cuda"):
-            logits = self.model(x)
+            logits = self.net(x)
         loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,6 +256,8 @@ class Trainer:
     def _end_of_epoch(self, epoch: int) -> bool:
         """Validation result, LR schedule, checkpoint. True when training is over."""
         if self.plan.validates(epoch):
+            if self.world > 1:
+                self.val.all_reduce(self.device)
             top1, top5 = self.val.errors()
             self.last_val = {"epoch": epoch, "step": self.step, "top1_error": top1, "top5_error": top5,
                              "crops": self.config.val_crops, "images": self.val.images}
@@ -246,6 +272,15 @@ class Trainer:
         return self.schedule.should_stop or epoch + 1 >= self.config.max_epochs
 
     # -- reporting -----------------------------------------------------------------
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """With several ranks, a flag raised by any rank holds for all: they must leave the
+        loop at the same step, or the others would wait forever in the next all-reduce."""
+        if self.world == 1:
+            return flags
+        votes = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in votes.tolist())
 
     def _skipped_over_budget(self) -> bool:
         skipped = sum(self.feed.skipped.values())
@@ -290,7 +325,23 @@ class _ValTally:
         self.top5 += int((top == labels[:, None]).any(1).sum())
         self.images += len(labels)
 
+    def all_reduce(self, device) -> None:
+        """Sum the tallies of every rank: each validated its own share of the images."""
+        counts = torch.tensor([self.images, self.top1, self.top5], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        self.images, self.top1, self.top5 = (int(v) for v in counts.tolist())
+
     def errors(self) -> tuple[float, float]:
         if not self.images:
             return 1.0, 1.0
         return 1 - self.top1 / self.images, 1 - self.top5 / self.images
+
+
+class _NoHistory:
+    """Ranks other than 0 keep no history: rank 0's is the run's."""
+
+    def write(self, kind: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

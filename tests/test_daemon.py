@@ -167,3 +167,25 @@ def test_past_the_skip_budget_the_daemon_stops_with_a_reason(raw_data, tmp_path)
     # Either start saw the halt before training moved (and said why), or it was already training.
     assert result.returncode == 0 or "skip budget" in result.stderr
     assert "halting" in (run_dir / "alexnetd.log").read_text()
+
+
+def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tmp_path):
+    """Two replicas (DDP over gloo on the CPU) with batches of 8 take the same steps as one
+    trainer with batches of 16: rank r trains on every other batch of the same permutation,
+    and DDP averages the gradients. Dropout off, so both runs draw no randomness."""
+    config = tmp_path / "no-dropout.toml"
+    config.write_text("dropout = 0.0\n")
+    common = ["--config", config, "--deterministic", "--max-steps", 3, "--augmenters", 1, "--seed", 4]
+    single, pair = tmp_path / "single", tmp_path / "pair"
+    cli(*start_args(prepared_data, single, free_port(), *common), "--batch-size", 16, check=True)
+    cli(*start_args(prepared_data, pair, free_port(), *common), "--gpus", 2, "--parallel", "data", check=True)
+    wait_exit(single)
+    wait_exit(pair)
+    a = load_checkpoint(latest_checkpoint(single / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(pair / "checkpoints"))
+    assert a["step"] == b["step"] == 3
+    assert (a["epoch"], a["next_seq"]) == (b["epoch"], b["next_seq"])
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
+    log = (pair / "alexnetd.log").read_text()
+    assert "started trainer@1" in log and "started augmenter-0@1" in log
