@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(*args, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+def cli(*args, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
     result = subprocess.run(ALEXNETD + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"alexnetd {' '.join(map(str, args))} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -31,7 +31,7 @@ def status(run_dir) -> dict | None:
     return None if result.returncode == 2 else json.loads(result.stdout)
 
 
-def wait_for(predicate, timeout: float = 240, every: float = 0.5, what: str = "condition"):
+def wait_for(predicate, timeout: float = 600, every: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -56,7 +56,7 @@ def daemon_pid(run_dir) -> int | None:
     return int(path.read_text()) if path.exists() and path.read_text().strip() else None
 
 
-def wait_exit(run_dir, timeout: float = 240) -> None:
+def wait_exit(run_dir, timeout: float = 900) -> None:
     """Until the daemon of run_dir has released its pid file (it has exited)."""
     from alexnetd.service.control import PidFile
 
