@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from alexnetd.pipeline import wire
-from alexnetd.pipeline.jpeg import Decoder, SkipSample, center_square
+from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample, center_square
 from alexnetd.pipeline.plan import train_draws
 from alexnetd.pipeline.ring import CROP, IMAGE, Ring
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
@@ -36,7 +36,7 @@ def run_augmenter(cfg: dict) -> None:
     needs_resize, max_pixels."""
     stop = StopFlag()
     ring = Ring(cfg["ring"], cfg["slots"], cfg["batch"])
-    decoder = Decoder(max_pixels=cfg.get("max_pixels") or Decoder().max_pixels, fast=True)
+    decoder = Decoder(max_pixels=cfg.get("max_pixels") or DEFAULT_MAX_PIXELS, fast=True)
     ends = cfg["endpoints"]
     ctx = zmq.Context()
     jobs = ctx.socket(zmq.PULL)

@@ -82,6 +82,7 @@ class Feed:
         self._trainer_end = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="copier", daemon=True)
+        self.error: BaseException | None = None
         self._cuda = self.device.type == "cuda"
         self._buffers, self._free_buffers, self._buffer_events = [], [], []
         self._events: dict = {}  # token -> CUDA event recorded when a step released a buffer
@@ -99,6 +100,8 @@ class Feed:
     def next_batch(self, timeout_ms: int | None = None) -> Batch | None:
         """The next batch in seq order, or None if none came within timeout_ms."""
         if not self._trainer_end.poll(timeout_ms if timeout_ms is not None else -1):
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the copier thread stopped: {self.error!r}")
             return None
         key = tuple(wire.recv(self._trainer_end)["key"])
         batch = self.handed[key]
@@ -117,6 +120,8 @@ class Feed:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._cuda and self._buffers:
+            torch.cuda.cudart().cudaHostUnregister(self.ring.buffer.ctypes.data)
         if self._trainer_end is not None:
             self._trainer_end.close(linger=0)
 
@@ -127,6 +132,15 @@ class Feed:
     # -- copier thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._copy_loop()
+        except BaseException as exc:  # surfaced to the trainer thread by next_batch()
+            self.error = exc
+            raise
+
+    def _copy_loop(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self.device)  # per thread: streams and events on this device
         ready = self._ctx.socket(zmq.PULL)
         ready.setsockopt(zmq.LINGER, 0)
         ready.bind(self.ends["ready"])
@@ -162,14 +176,22 @@ class Feed:
             except wire.WireError:
                 self.malformed += 1
                 continue
-            if msg.kind == "hello":
-                self._sync(msg["generation"], credits)
-            elif msg.kind == "ready" and msg.get("generation") == self.generation:
-                key = (msg["epoch"], msg["seq"])
+            generation = msg.get("generation")
+            if not isinstance(generation, int):
+                self.malformed += 1
+            elif msg.kind == "hello":
+                # A loader says hello every second until it hears back: answer each
+                # generation once, or a second sync would re-issue batches in flight.
+                if self.generation is None or generation > self.generation:
+                    self._sync(generation, credits)
+            elif msg.kind == "ready" and generation == self.generation:
+                try:
+                    key = (int(msg["epoch"]), int(msg["seq"]))
+                except (KeyError, TypeError, ValueError):
+                    self.malformed += 1
+                    continue
                 if key >= self._cursor:
                     self.reorder[key] = msg
-                    for _index, reason in msg.get("skipped", []):
-                        self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def _sync(self, generation: int, credits) -> None:
         """A new loader: everything not yet handed on is rebuilt by it, from our cursor."""
@@ -180,13 +202,16 @@ class Feed:
         wire.send(credits, "sync", generation=generation, epoch=epoch, seq=seq, free=free)
 
     def _hand_on(self, pair, credits, copy_stream) -> None:
+        # At most `depth` batches handed on and not released (on CUDA: one device buffer each).
         while self._cursor in self.reorder and len(self.handed) < self.depth:
-            if self._cuda and not self._free_buffers:
-                return
             msg = self.reorder.pop(self._cursor)
             with self.clock.timing("busy"):
                 batch = self._to_batch(msg, credits, copy_stream)
             self.handed[self._cursor] = batch
+            # Counted here, once per batch trained, not on arrival: a batch rebuilt after
+            # a restart arrives twice.
+            for _index, reason in batch.skipped:
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
             wire.send(pair, "ready", key=list(self._cursor))
             self.clock.images += batch.n
             self.clock.batches += 1

@@ -25,15 +25,19 @@ import zmq
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.augment import run_augmenter
 from alexnetd.pipeline.dataset import open_dataset
-from alexnetd.pipeline.feed import Feed
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import Endpoints
 
-__all__ = ["InputPipeline", "input_stages", "default_augmenters", "spawn_context"]
+__all__ = ["InputPipeline", "input_stages", "default_augmenters", "default_slots", "spawn_context"]
 
 spawn_context = multiprocessing.get_context("spawn")
+
+
+def default_slots(augmenters: int) -> int:
+    """A few slots per augmenter keep every augmenter busy while the trainer holds one."""
+    return max(3, 2 * augmenters + 2)
 
 
 def default_augmenters() -> int:
@@ -63,11 +67,12 @@ class InputPipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dataset = open_dataset(self.data)
         self.n_augmenters = augmenters or default_augmenters()
-        # A few slots per augmenter keep every augmenter busy while the trainer holds one.
-        self.slots = slots or max(3, 2 * self.n_augmenters + 2)
+        self.slots = slots or default_slots(self.n_augmenters)
         self.plan = BatchPlan.for_dataset(self.dataset, batch, seed, val_every, rank, world)
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
+        from alexnetd.pipeline.feed import Feed  # torch: only in the process that trains
+
         self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device)
         self.generation = 0
         self.processes: dict[str, multiprocessing.Process] = {}

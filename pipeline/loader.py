@@ -13,6 +13,7 @@ is, and stale credits or batches of an older generation are told apart and ignor
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
 __all__ = ["run_loader"]
+
+log = logging.getLogger("alexnetd.loader")
 
 POLL_MS = 200
 HELLO_EVERY = 1.0
@@ -42,7 +45,9 @@ def run_loader(cfg: dict) -> None:
 
     ctx = zmq.Context()
     jobs = ctx.socket(zmq.PUSH)
-    jobs.setsockopt(zmq.SNDHWM, max(2, cfg["slots"]))
+    # One queued job per augmenter at most: a batch waiting behind a slow augmenter is
+    # one the idle ones could have taken.
+    jobs.setsockopt(zmq.SNDHWM, 1)
     jobs.setsockopt(zmq.LINGER, 0)
     jobs.bind(ends["jobs"])
     credits = ctx.socket(zmq.PULL)
@@ -77,7 +82,7 @@ def run_loader(cfg: dict) -> None:
                     continue
                 if msg.get("generation") != generation:
                     continue  # meant for an older loader
-                if msg.kind == "sync":
+                if msg.kind == "sync" and free is None:
                     free = set(msg["free"])
                     position = (msg["epoch"], msg["seq"])
                 elif msg.kind == "credit" and free is not None:
@@ -102,8 +107,17 @@ def run_loader(cfg: dict) -> None:
 
 
 def _read(split, indices) -> tuple[np.ndarray, np.ndarray]:
-    """The samples' bytes back to back, and where each starts (n+1 offsets)."""
-    chunks = [split.read(int(i)) for i in indices]
+    """The samples' bytes back to back, and where each starts (n+1 offsets). A file that
+    cannot be read is sent empty: the augmenter skips and counts it like any bad image."""
+    chunks = [_read_one(split, int(i)) for i in indices]
     offsets = np.zeros(len(chunks) + 1, np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     return np.frombuffer(b"".join(chunks), np.uint8), offsets
+
+
+def _read_one(split, index: int) -> bytes:
+    try:
+        return split.read(index)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", split.key(index), exc.strerror or exc)
+        return b""

@@ -52,7 +52,14 @@ class Ring:
             # someone might still hold the old mapping.
             self.path.unlink(missing_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.ftruncate(fd, size)
+            try:
+                # Reserve the pages now: a sparse file would let a full /dev/shm kill an
+                # augmenter with SIGBUS mid-batch instead of failing here, at start.
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
         else:
             fd = os.open(self.path, os.O_RDWR)
             if os.fstat(fd).st_size != size:

@@ -21,9 +21,12 @@ import zmq
 
 from alexnetd.pipeline import wire
 
-__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "STAGES"]
+__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "STAGES", "EXIT_BOOT", "EXIT_HALT"]
 
 STAGES = ("loader", "augmenter", "copier", "trainer")
+# Exit codes a stage uses to tell the supervisor not to restart it.
+EXIT_BOOT = 3   # could not start (bad checkpoint, data changed): restarting would not help
+EXIT_HALT = 4   # stopped on purpose with a reason (skip budget)
 BEAT_SECONDS = 0.5
 _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux
 
@@ -89,11 +92,14 @@ class Heartbeat:
             self.sock.connect(endpoint)
         self.last = 0.0
 
+    def due(self) -> bool:
+        """Whether a beat would be sent now: callers skip gathering fields otherwise."""
+        return self.sock is not None and time.monotonic() - self.last >= BEAT_SECONDS
+
     def maybe(self, clock: StageClock, force: bool = False, **fields) -> None:
-        now = time.monotonic()
-        if self.sock is None or (not force and now - self.last < BEAT_SECONDS):
+        if self.sock is None or not (force or self.due()):
             return
-        self.last = now
+        self.last = time.monotonic()
         try:
             # Beats are advisory: drop one rather than block the stage.
             wire.send(self.sock, "beat", flags=zmq.NOBLOCK, stage=self.stage, index=self.index,

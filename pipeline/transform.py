@@ -53,10 +53,9 @@ class InputTransform:
     def train(self, images: torch.Tensor, crops, flips, alphas) -> torch.Tensor:
         """(n,224,224,3) uint8 crops -> (n,3,224,224) float32, mean-subtracted, relit."""
         x = images.to(self.device, non_blocking=True).float()
-        x -= self._mean_crops(torch.as_tensor(crops, device=self.device).long(),
-                              torch.as_tensor(flips, device=self.device).bool())
+        x -= self._mean_crops(self._to_device(crops).long(), self._to_device(flips).bool())
         if self.lighting:
-            x += self.lighting_shift(torch.as_tensor(alphas, device=self.device).float())[:, None, None, :]
+            x += self.lighting_shift(self._to_device(alphas).float())[:, None, None, :]
         return x.permute(0, 3, 1, 2)
 
     def lighting_shift(self, alphas: torch.Tensor) -> torch.Tensor:
@@ -79,6 +78,10 @@ class InputTransform:
             patches.append(patch.flip(2) if flipped else patch)
         stacked = torch.stack(patches, dim=1).reshape(-1, CROP, CROP, 3)
         return stacked.permute(0, 3, 1, 2)
+
+    def _to_device(self, array) -> torch.Tensor:
+        # non_blocking: torch.as_tensor(..., device=cuda) would wait for the device.
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
 
     def _mean_crops(self, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """The mean image cut at each sample's crop, mirrored where the sample was:

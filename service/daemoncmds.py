@@ -88,15 +88,18 @@ def preflight(config: Config, fresh: bool) -> None:
         n_train = len(dataset.split("train"))
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
-    if n_train < config.batch_size:
-        raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of {config.batch_size}")
+    world = config.gpus if config.parallel == "data" else 1
+    if n_train < config.batch_size * world:
+        raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of "
+                                   f"{config.batch_size}" + (f" for each of {world} ranks" if world > 1 else ""))
     run_dir = Path(config.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(run_dir, 0o700)  # holds the control socket: owner only
     except OSError as exc:
         raise click.ClickException(f"run directory {run_dir}: {exc.strerror}") from None
-    if len(str(run_dir / "credits.sock")) > 100:
+    deepest = run_dir / f"rank{world - 1}" if world > 1 else run_dir
+    if len(str(deepest / "credits.sock")) > 100:
         raise click.ClickException(f"run directory {run_dir} is too deep for a unix socket path; choose a shorter one")
     holder = PidFile(run_dir).holder()
     if holder is not None:
@@ -115,7 +118,9 @@ def preflight(config: Config, fresh: bool) -> None:
         if torch.cuda.device_count() < config.gpus:
             raise click.ClickException(f"--device cuda --gpus {config.gpus}: this machine has "
                                        f"{torch.cuda.device_count()} CUDA device(s)")
-    slots = config.slots or max(3, 2 * (config.augmenters or _default_augmenters()) + 2)
+    from alexnetd.pipeline.launch import default_augmenters, default_slots
+
+    slots = config.slots or default_slots(config.augmenters or default_augmenters())
     need = slots * config.batch_size * IMAGE * IMAGE * 3
     free = shutil.disk_usage("/dev/shm").free
     if need > free:
@@ -125,20 +130,12 @@ def preflight(config: Config, fresh: bool) -> None:
         _check_resume(config, dataset)
 
 
-def _default_augmenters() -> int:
-    from alexnetd.pipeline.launch import default_augmenters
-
-    return default_augmenters()
-
-
 def _check_resume(config: Config, dataset) -> None:
-    from alexnetd.model import CheckpointError, latest_checkpoint, load_checkpoint
+    from alexnetd.model import CheckpointError, load_latest_checkpoint
 
-    latest = latest_checkpoint(Path(config.run_dir) / "checkpoints")
-    if latest is None:
-        return
     try:
-        load_checkpoint(latest, dataset.fingerprint, config.data)
+        # The trainer's own rule: the newest checkpoint that loads.
+        load_latest_checkpoint(Path(config.run_dir) / "checkpoints", dataset.fingerprint, config.data)
     except CheckpointError as exc:
         raise click.ClickException(f"{exc} (start with --fresh to train from scratch)") from None
 

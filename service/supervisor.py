@@ -37,15 +37,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.dataset import open_dataset
-from alexnetd.pipeline.launch import default_augmenters, input_stages, spawn_context
+from alexnetd.pipeline.launch import default_augmenters, default_slots, input_stages, spawn_context
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
-from alexnetd.pipeline.stage import STAGES, Endpoints
+from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints
 from alexnetd.service.config import Config, parse_addr
 from alexnetd.service.control import PidFile, control_endpoint
 from alexnetd.service.history import History
 from alexnetd.service.metrics import DaemonCollector
-from alexnetd.service.trainer import EXIT_BOOT, EXIT_HALT, run_trainer
 
 __all__ = ["Supervisor", "main"]
 
@@ -77,7 +76,7 @@ class Supervisor:
         self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
                       for rank in range(self.world)]
         self.n_augmenters = config.augmenters or default_augmenters()
-        self.slots = config.slots or max(3, 2 * self.n_augmenters + 2)
+        self.slots = config.slots or default_slots(self.n_augmenters)
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.rank_endpoints = [self.endpoints] if self.world == 1 else [
             dataclasses.replace(Endpoints.in_dir(self._rank_dir(r)), beats=self.endpoints.beats) for r in range(self.world)]
@@ -106,14 +105,8 @@ class Supervisor:
         ctx = zmq.Context.instance()
         self.control = ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_endpoint(self.run_dir))
         self.beat_socket = ctx.socket(zmq.PULL)
         self.beat_socket.setsockopt(zmq.LINGER, 0)
-        self.beat_socket.bind(self.endpoints.beats)
-        registry = CollectorRegistry()
-        registry.register(DaemonCollector(self.metrics_snapshot))
-        host, port = parse_addr(self.config.metrics_addr)
-        self.http, _thread = start_http_server(port, addr=host, registry=registry)
         self.history = History(self.run_dir)
         self.history.write("event", event="daemon-start", pid=os.getpid(), fresh=self.fresh)
         wakeup_r, wakeup_w = os.pipe()
@@ -121,10 +114,28 @@ class Supervisor:
         signal.set_wakeup_fd(wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda s, f: self.signals.append(s))
-        self.rings = [Ring(ring_name(self._rank_dir(r)), self.slots, self.config.batch_size, create=True)
-                      for r in range(self.world)]
+        self.http = None
         code = 0
         try:
+            self.control.bind(control_endpoint(self.run_dir))
+            self.beat_socket.bind(self.endpoints.beats)
+            # Scrapes run in the HTTP server's thread: they read a snapshot the main loop
+            # refreshes, never the dicts it is changing.
+            self.latest_metrics = self.metrics_snapshot()
+            registry = CollectorRegistry()
+            registry.register(DaemonCollector(lambda: self.latest_metrics))
+            host, port = parse_addr(self.config.metrics_addr)
+            try:
+                self.http, _thread = start_http_server(port, addr=host, registry=registry)
+            except OSError as exc:
+                raise Halt(f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror}") from None
+            for rank in range(self.world):
+                try:
+                    self.rings.append(Ring(ring_name(self._rank_dir(rank)), self.slots, self.config.batch_size,
+                                           create=True))
+                except OSError as exc:
+                    raise Halt(f"cannot create the batch ring in /dev/shm: {exc.strerror}; "
+                               "use fewer --slots or a smaller --batch-size") from None
             self._spawn_trainers(resume=not self.fresh)
             for rank in range(self.world):
                 self._spawn_input(rank)
@@ -136,7 +147,8 @@ class Supervisor:
             code = 1
         finally:
             self._kill_all()
-            self.http.shutdown()
+            if self.http is not None:
+                self.http.shutdown()
             for ring in self.rings:
                 ring.close()
                 ring.unlink()
@@ -175,6 +187,7 @@ class Supervisor:
                 return finished
             self._check_silent()
             self._sample_rates()
+            self.latest_metrics = self.metrics_snapshot()
             if time.monotonic() - last_stage_line >= 10.0:
                 self._stage_history_line()
                 last_stage_line = time.monotonic()
@@ -215,6 +228,10 @@ class Supervisor:
         return path
 
     def _spawn_trainers(self, resume: bool) -> None:
+        # Imported here: spawned children re-import this module, and the loader and
+        # augmenters must not pay for torch.
+        from alexnetd.service.trainer import run_trainer
+
         (self.run_dir / "halt.json").unlink(missing_ok=True)
         rendezvous = _free_port() if self.world > 1 else 0  # torch.distributed's, on the loopback
         for rank in range(self.world):
@@ -286,6 +303,9 @@ class Supervisor:
                 raise Halt(self._halt_file() or f"trainer exited with code {code}")
             if self.stopping_since is not None:
                 return 1
+            if exited[0] not in self.booted:
+                raise Halt(self._halt_file() or f"{exited[0]} could not start (exit code {code}); "
+                           f"see {self.run_dir / 'alexnetd.log'}")
             self._restart("trainer", f"{exited[0]} exited with code {code}")
             return None
         dead = [n for n in self._input_names() if self.processes[n].exitcode is not None]
@@ -299,6 +319,8 @@ class Supervisor:
             return
         now = time.monotonic()
         for name, proc in list(self.processes.items()):
+            if self.beats.get(name, {}).get("state") == "checkpointing":
+                continue  # a big checkpoint on a slow disk is not a hang
             if name in self.booted and now - self.last_beat.get(name, now) > self.config.heartbeat_timeout:
                 log.error("%s sent no heartbeat for %.0f s: killing it", name, now - self.last_beat[name])
                 proc.kill()
@@ -366,9 +388,8 @@ class Supervisor:
             self.booted.add(pid_owner)
             if stage == "trainer" and rank == 0 and self.stopping_since is None:
                 moving = msg.get("step", 0) > 0 or msg.get("state") == "validating"
-                if self.state == "starting" and not moving:
-                    continue
-                self.state = msg.get("state", "training")
+                if msg.get("state") in ("training", "validating") and (moving or self.state != "starting"):
+                    self.state = msg["state"]
 
     def _totals(self) -> dict:
         totals = {s: dict(self.retired[s]) for s in STAGES}
@@ -416,7 +437,7 @@ class Supervisor:
             owner = "trainer" if stage == "copier" else stage  # the copier is a thread of each trainer
             stages[stage]["processes"] = sum(1 for n, p in self.processes.items() if _stage_of(n) == owner and p.is_alive())
             stages[stage]["restarts"] = self.restarts[stage]
-        # The bottleneck is the stage that is busiest while the trainer waits for it.
+        # The bottleneck: the stage with the highest busy share.
         bottleneck = max(STAGES, key=lambda s: stages[s]["busy"]) if any(stages[s]["busy"] for s in STAGES) else None
         steps_per_epoch = trainer.get("steps_per_epoch") or 0
         batches_in_epoch = trainer.get("batches_in_epoch") or 0

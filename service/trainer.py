@@ -34,18 +34,17 @@ from alexnetd.pipeline.dataset import DatasetError, open_dataset
 from alexnetd.pipeline.feed import Feed
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring
-from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
+from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, Heartbeat, StageClock, StopFlag
 from alexnetd.pipeline.transform import InputTransform
 from alexnetd.service.config import Config
 from alexnetd.service.history import History
 
-__all__ = ["run_trainer", "Trainer", "EXIT_BOOT", "EXIT_HALT"]
+__all__ = ["run_trainer", "Trainer"]
 
 log = logging.getLogger("alexnetd.trainer")
 
-EXIT_BOOT = 3   # could not start (bad checkpoint, data changed): restarting would not help
-EXIT_HALT = 4   # stopped on purpose with a reason (skip budget): do not restart
 WAIT_MS = 500
+AGREE_EVERY = 8  # batches between the ranks' votes on stopping (a collective and a sync)
 
 
 def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool,
@@ -116,13 +115,14 @@ class Trainer:
         self.loss: float | None = None
         if resume:
             self._resume()
-        self.feed = Feed(endpoints, ring, self.plan, self.position, config.device)
+        self.feed = Feed(endpoints, ring, self.plan, self.position, self.device)
         self.clock = StageClock()
         self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
         self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
         self.history = History(self.run_dir) if rank == 0 else _NoHistory()
         self.rate = 0.0
         self.val = _ValTally()
+        self.phase = "training"
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -162,6 +162,8 @@ class Trainer:
             "class_names": list(self.dataset.class_names), "num_classes": len(self.dataset.classes),
             "last_val": self.last_val,
         }
+        # A big checkpoint on a slow disk outlasts the heartbeat timeout: say so first.
+        self._beat("checkpointing", force=True)
         start = time.perf_counter()
         path = save_checkpoint(self.checkpoint_dir, state, keep=self.config.keep_checkpoints)
         seconds = time.perf_counter() - start
@@ -178,9 +180,15 @@ class Trainer:
         last_checkpoint_time = time.monotonic()
         reason = "stopped"
         try:
+            batches = 0
             while True:
-                stopping, over_budget = self._agree(self.stop is not None and self.stop.stopping,
-                                                    self._skipped_over_budget())
+                stopping, over_budget = self.stop is not None and self.stop.stopping, self._skipped_over_budget()
+                if self.world > 1:
+                    if batches % AGREE_EVERY:
+                        stopping = over_budget = False  # decided together at the next vote
+                    else:
+                        stopping, over_budget = self._agree(stopping, over_budget)
+                batches += 1
                 if over_budget:
                     _halt(self.config.run_dir, self._skip_message())
                     self.checkpoint("halt")
@@ -190,7 +198,7 @@ class Trainer:
                 with self.clock.timing("starved"):
                     batch = self.feed.next_batch(WAIT_MS)
                 if batch is None:
-                    self._beat("starved")
+                    self._beat(self.phase)
                     continue
                 epoch, seq = batch.epoch, batch.seq
                 with self.clock.timing("busy"):
@@ -210,7 +218,8 @@ class Trainer:
                 if self.config.max_steps and self.step >= self.config.max_steps and batch.split == "train":
                     reason = "max-steps"
                     break
-                self._beat("validating" if batch.split == "val" else "training")
+                self.phase = "validating" if batch.split == "val" else "training"
+                self._beat(self.phase)
             self.checkpoint(reason)
             self.history.write("event", event="trainer-stop", reason=reason, step=self.step)
             self._beat("stopping", force=True)
@@ -220,6 +229,8 @@ class Trainer:
             self.history.close()
 
     def _train_step(self, batch) -> None:
+        if batch.n == 0:
+            return  # every image of the batch failed to decode
         start = time.perf_counter()
         x = self.transform.train(batch.images, batch.crops, batch.flips, batch.alphas)
         labels = batch.labels.to(self.device, non_blocking=True)
@@ -244,6 +255,8 @@ class Trainer:
 
     @torch.no_grad()
     def _val_step(self, batch) -> None:
+        if batch.n == 0:
+            return  # a rank's share of the last batch can be empty, or all images bad
         self.model.eval()
         crops = self.config.val_crops
         x = self.transform.eval(batch.images, crops=crops)
@@ -300,6 +313,8 @@ class Trainer:
             return {"cpu": int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
 
     def _beat(self, state: str, force: bool = False) -> None:
+        if not (force or self.beat.due()):
+            return
         stats = self.feed.stats()
         self.copier_beat.maybe(self.feed.clock, force=force)
         self.beat.maybe(
