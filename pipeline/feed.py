@@ -168,17 +168,10 @@ class Feed:
                 sock.close(linger=0)
 
     def _on_ready(self, ready, credits) -> None:
-        while True:
-            try:
-                msg = wire.recv(ready, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except wire.WireError:
-                self.malformed += 1
-                continue
+        for msg in wire.drain(ready, self._count_malformed):
             generation = msg.get("generation")
             if not isinstance(generation, int):
-                self.malformed += 1
+                self._count_malformed()
             elif msg.kind == "hello":
                 # A loader says hello every second until it hears back: answer each
                 # generation once, or a second sync would re-issue batches in flight.
@@ -188,10 +181,13 @@ class Feed:
                 try:
                     key = (int(msg["epoch"]), int(msg["seq"]))
                 except (KeyError, TypeError, ValueError):
-                    self.malformed += 1
+                    self._count_malformed()
                     continue
                 if key >= self._cursor:
                     self.reorder[key] = msg
+
+    def _count_malformed(self, _error=None) -> None:
+        self.malformed += 1
 
     def _sync(self, generation: int, credits) -> None:
         """A new loader: everything not yet handed on is rebuilt by it, from our cursor."""

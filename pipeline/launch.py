@@ -133,12 +133,6 @@ class InputPipeline:
 
     def poll_beats(self) -> dict:
         """Drain heartbeats; return the latest counters per (stage, index)."""
-        while self._beats is not None:
-            try:
-                msg = wire.recv(self._beats, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except wire.WireError:
-                continue
+        for msg in wire.drain(self._beats) if self._beats is not None else ():
             self.last_beats[(msg["stage"], msg.get("index", 0))] = msg.header
         return self.last_beats

@@ -72,14 +72,7 @@ def run_loader(cfg: dict) -> None:
         with clock.timing("starved"):
             ready = dict(poller.poll(0 if free else POLL_MS))
         if credits in ready:
-            while True:
-                try:
-                    msg = wire.recv(credits, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except wire.WireError:
-                    clock.malformed += 1
-                    continue
+            for msg in wire.drain(credits, clock.count_malformed):
                 if msg.get("generation") != generation:
                     continue  # meant for an older loader
                 if msg.kind == "sync" and free is None:

@@ -71,6 +71,9 @@ class StageClock:
         finally:
             setattr(self, state, getattr(self, state) + time.perf_counter() - start)
 
+    def count_malformed(self, _error=None) -> None:
+        self.malformed += 1
+
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
 

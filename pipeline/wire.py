@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-__all__ = ["VERSION", "KINDS", "WireError", "Message", "encode", "decode", "send", "recv"]
+__all__ = ["VERSION", "KINDS", "WireError", "Message", "encode", "decode", "send", "recv", "drain"]
 
 VERSION = 1
 
@@ -104,6 +104,19 @@ def send(sock: zmq.Socket, kind: str, arrays=(), flags: int = 0, **fields) -> No
 
 def recv(sock: zmq.Socket, flags: int = 0) -> Message:
     return decode(sock.recv_multipart(flags=flags, copy=False))
+
+
+def drain(sock: zmq.Socket, on_malformed=None):
+    """Every message already waiting on sock, without blocking. A malformed one is
+    passed to on_malformed (to be counted) and skipped: the receiver carries on."""
+    while True:
+        try:
+            yield recv(sock, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        except WireError as exc:
+            if on_malformed is not None:
+                on_malformed(exc)
 
 
 def _bytes(frame) -> memoryview:

@@ -366,13 +366,7 @@ class Supervisor:
     # -- heartbeats and status -----------------------------------------------------
 
     def _drain_beats(self) -> None:
-        while True:
-            try:
-                msg = wire.recv(self.beat_socket, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except wire.WireError:
-                continue
+        for msg in wire.drain(self.beat_socket):
             stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", 0)
             if not isinstance(rank, int) or not 0 <= rank < self.world:
                 continue

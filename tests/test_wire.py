@@ -87,3 +87,20 @@ def test_arrays_are_views_not_copies(pair):
     frames = b.recv_multipart(copy=False)
     msg = wire.decode(frames)
     assert not msg.arrays[0].flags.owndata
+
+
+def test_drain_yields_what_waits_and_counts_malformed(pair):
+    a, b = pair
+    wire.send(a, "credit", slot=1)
+    a.send_multipart([b"garbage"])
+    wire.send(a, "credit", slot=2)
+    import time
+    deadline = time.monotonic() + 5
+    while not b.poll(0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # all three queued
+    errors = []
+    slots = [m["slot"] for m in wire.drain(b, errors.append)]
+    assert slots == [1, 2]
+    assert len(errors) == 1 and isinstance(errors[0], wire.WireError)
+    assert list(wire.drain(b)) == []  # nothing left, and no blocking
