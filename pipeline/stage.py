@@ -112,12 +112,18 @@ class Heartbeat:
 
 
 class StopFlag:
-    """SIGTERM asks a stage to finish what it holds and exit; SIGINT is the supervisor's."""
+    """SIGTERM asks a stage to finish what it holds and exit; SIGINT is the supervisor's.
+    A stage whose supervisor died (even by SIGKILL) stops too: no orphans."""
 
     def __init__(self):
-        self.stopping = False
+        self.requested = False
+        self._parent = os.getppid()
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    @property
+    def stopping(self) -> bool:
+        return self.requested or os.getppid() != self._parent
+
     def _handle(self, signum, frame):
-        self.stopping = True
+        self.requested = True

@@ -189,3 +189,12 @@ def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tm
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
     log = (pair / "alexnetd.log").read_text()
     assert "started trainer@1" in log and "started augmenter-0@1" in log
+
+
+def test_stages_exit_when_the_supervisor_is_killed(prepared_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cli(*start_args(prepared_data, run_dir, free_port()), check=True)
+    pids = status(run_dir)["processes"].values()
+    supervisor = int((run_dir / "alexnetd.pid").read_text())
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60, what="the stages to exit")
