@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
+from pickle import UnpicklingError  # what weights_only loading raises on non-data; nothing is unpickled here
 import re
 import zipfile
 from pathlib import Path
@@ -170,7 +170,7 @@ def _read(path: Path, map_location) -> dict:
     """torch.load with weights_only=True; any failure becomes a one-line CheckpointError."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects that are not plain data "
                               f"(refused by weights_only loading): {_first_line(e)}") from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
