@@ -33,7 +33,7 @@ POLL_MS = 200
 
 def run_augmenter(cfg: dict) -> None:
     """Process entry point. `cfg` keys: endpoints, ring, slots, batch, seed, index,
-    needs_resize, max_pixels."""
+    max_pixels, rank."""
     stop = StopFlag()
     ring = Ring(cfg["ring"], cfg["slots"], cfg["batch"])
     decoder = Decoder(max_pixels=cfg.get("max_pixels") or DEFAULT_MAX_PIXELS, fast=True)
@@ -61,7 +61,7 @@ def run_augmenter(cfg: dict) -> None:
                 clock.malformed += 1
                 continue
             with clock.timing("busy"):
-                out = augment_batch(job, ring, decoder, cfg["seed"], cfg.get("needs_resize", False), clock)
+                out = augment_batch(job, ring, decoder, cfg["seed"], clock)
             with clock.timing("blocked"):
                 wire.send(ready, "ready", out.pop("arrays"), **out)
             clock.batches += 1
@@ -71,8 +71,7 @@ def run_augmenter(cfg: dict) -> None:
     ring.close()
 
 
-def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int,
-                  needs_resize: bool, clock: StageClock) -> dict:
+def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int, clock: StageClock) -> dict:
     """Decode one job into its slot; return the 'ready' message's fields and arrays."""
     blob, offsets, labels, indices = job.arrays
     epoch, split, slot = job["epoch"], job["split"], job["slot"]
@@ -85,9 +84,9 @@ def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int,
         data = blob[offsets[i]:offsets[i + 1]]
         mirrored = train and bool(draws.flips[i])
         try:
-            image = decoder.decode_rgb(data, min_side=IMAGE if needs_resize else None, bgr=mirrored)
-            if image.shape[:2] != (IMAGE, IMAGE):  # full-size ImageFolder input
-                image = center_square(image, IMAGE)
+            # Prepared 256x256 images pass straight through; full-size ImageFolder
+            # input is DCT-scaled while decoding, then cut to the central square.
+            image = center_square(decoder.decode_rgb(data, min_side=IMAGE, bgr=mirrored), IMAGE)
         except SkipSample as exc:
             clock.skip(exc.reason)
             skipped.append([int(indices[i]), exc.reason])

@@ -31,10 +31,7 @@ def _decode_for(data: str, seconds: float, offset: int) -> int:
     done, deadline = 0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         try:
-            if split.needs_resize:
-                decoder.decode_square(blobs[done % count])
-            else:
-                decoder.decode_rgb(blobs[done % count])
+            decoder.decode_square(blobs[done % count])  # what an augmenter decodes, nothing else
         except SkipSample:
             pass
         done += 1

@@ -47,13 +47,13 @@ def default_augmenters() -> int:
 
 
 def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, augmenters: int,
-                 needs_resize: bool, generation: int, max_pixels: int | None = None) -> dict:
+                 generation: int, max_pixels: int | None = None) -> dict:
     """name -> (entry point, config) of every input process of one generation."""
     common = dict(endpoints=endpoints, batch=plan.batch, seed=plan.seed, slots=slots)
     stages = {"loader": (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
                                           world=plan.world, generation=generation))}
     for i in range(augmenters):
-        stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i, needs_resize=needs_resize,
+        stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i,
                                                          max_pixels=max_pixels, rank=plan.rank))
     return stages
 
@@ -96,7 +96,7 @@ class InputPipeline:
 
     def start_input(self) -> None:
         stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
-                              self.n_augmenters, self.dataset.split("train").needs_resize, self.generation,
+                              self.n_augmenters, self.generation,
                               self.max_pixels)
         for name, (target, cfg) in stages.items():
             proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{name}", daemon=True)

@@ -25,6 +25,11 @@ COMMANDS = {
 }
 
 
+def user_error(exc: BaseException | str) -> click.ClickException:
+    """A user's mistake as one line and a non-zero exit, never a traceback."""
+    return click.ClickException(" ".join(str(exc).split()) or type(exc).__name__)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)

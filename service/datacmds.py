@@ -15,6 +15,7 @@ import click
 
 from alexnetd.pipeline.dataset import DatasetError
 from alexnetd.pipeline.shards import parse_size
+from alexnetd.service.cli import user_error
 
 __all__ = ["fake_data", "prepare"]
 
@@ -47,11 +48,6 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _fail(exc: BaseException) -> click.ClickException:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return click.ClickException(text)
-
-
 @click.command("fake-data", help="Write a small synthetic ImageNet-like dataset (prepared shards, or --raw ImageFolder).")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--classes", type=click.IntRange(1, 100_000), default=10, show_default=True, help="Number of classes.")
@@ -79,9 +75,9 @@ def fake_data(out, classes, train_per_class, val_per_class, size, shards, seed, 
                 shards=shards, seed=seed, quality=quality, raw=raw, corrupt=corrupt, force=force,
             )
     except (OutputExists, DatasetError) as exc:
-        raise _fail(exc) from None
+        raise user_error(exc) from None
     except OSError as exc:
-        raise _fail(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        raise user_error(f"{exc.filename or out}: {exc.strerror or exc}") from None
     n_train, n_val = classes * train_per_class, classes * val_per_class
     kind = "an ImageFolder tree" if raw else "a prepared dataset"
     bad = f", {corrupt} bad files" if corrupt else ""
@@ -104,9 +100,9 @@ def prepare(src, out, quality, shard_size, workers, force):
         with _sigterm_as_exit():
             report = run_prepare(src, out, quality=quality, shard_size=shard_size, workers=workers, force=force)
     except (PrepareError, DatasetError) as exc:
-        raise _fail(exc) from None
+        raise user_error(exc) from None
     except OSError as exc:
-        raise _fail(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        raise user_error(f"{exc.filename or out}: {exc.strerror or exc}") from None
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped files are listed in {Path(out) / 'skipped.txt'}")

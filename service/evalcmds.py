@@ -15,16 +15,12 @@ import click
 
 from alexnetd.model.checkpoint import CheckpointError
 from alexnetd.pipeline.dataset import DatasetError
+from alexnetd.service.cli import user_error
 
 __all__ = ["eval_command", "predict_command"]
 
 _CROPS = click.Choice(["1", "10"])
 _DEVICE = click.Choice(["cpu", "cuda"])
-
-
-def _fail(exc: BaseException | str) -> click.ClickException:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return click.ClickException(text)
 
 
 def _guarded(call, batch_size: int | None = None):
@@ -36,12 +32,12 @@ def _guarded(call, batch_size: int | None = None):
     try:
         return call()
     except (EvalError, CheckpointError, DatasetError) as exc:
-        raise _fail(exc) from None
+        raise user_error(exc) from None
     except torch.cuda.OutOfMemoryError:
         hint = f" at batch size {batch_size}; try a smaller --batch-size" if batch_size else ""
-        raise _fail(f"out of GPU memory{hint}") from None
+        raise user_error(f"out of GPU memory{hint}") from None
     except OSError as exc:
-        raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+        raise user_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
 
 
 @click.command("eval", help="Top-1 and top-5 error of one network or an ensemble on a dataset's "
@@ -128,4 +124,4 @@ def predict_command(checkpoint, images, data, topk, crops, device, as_json):
     failed = sum(1 for r in results if r.error)
     if failed:
         # The others were predicted; the exit status still says that not all were.
-        raise _fail(f"{failed} of {len(results)} images could not be read")
+        raise user_error(f"{failed} of {len(results)} images could not be read")

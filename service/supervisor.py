@@ -69,7 +69,6 @@ class Supervisor:
         self.fresh = fresh
         self.started = time.time()
         dataset = open_dataset(config.data)
-        self.needs_resize = dataset.split("train").needs_resize
         # Data parallel: one trainer per device, each with its own input side (ring,
         # sockets, loader, augmenters) reading every world-th batch.
         self.world = config.gpus if config.parallel == "data" else 1
@@ -240,7 +239,7 @@ class Supervisor:
 
     def _spawn_input(self, rank: int) -> None:
         stages = input_stages(self.config.data, self.rank_endpoints[rank].as_dict(), self.plans[rank], self.slots,
-                              self.rings[rank].name, self.n_augmenters, self.needs_resize, self.generations[rank])
+                              self.rings[rank].name, self.n_augmenters, self.generations[rank])
         for name, (target, cfg) in stages.items():
             self._spawn(self._name(name, rank), target, cfg)
 
