@@ -1,12 +1,13 @@
 """Stage 3 of the paper's pipeline: transform batch n+2 on the CPU.
 
-N processes. Each takes a job (one batch of raw JPEG bytes), decodes every image with
-libjpeg-turbo and writes, straight into the batch's slot of the shared-memory ring:
-- training: the sample's random 224x224 patch, mirrored when drawn (§4.1);
-- validation: the whole 256x256 image (the trainer cuts the centre or 10 crops).
-Then it tells the feed "seq n is in slot k" with the labels and each sample's crop
-offset, flip and PCA lighting alphas; the lighting itself and the mean subtraction are
-done on the device, where they are cheap.
+N processes. Each takes a job (one batch of raw JPEG bytes) and has libjpeg-turbo decode
+every image straight into its place in the batch's slot of the shared-memory ring: the
+whole 256x256 image, for training and validation alike, with no intermediate array and
+no copy (a prepared image's bytes are written once, by the IDCT). Then it tells the feed
+"seq n is in slot k" with the labels and, for training, each sample's crop offset, flip
+and PCA lighting alphas. The random 224 crop, the mirror (§4.1), the mean subtraction
+(§2) and the lighting are all applied on the device in one gather
+(pipeline/transform.py), where they are cheap.
 
 Every draw comes from plan.train_draws(seed, epoch, sample index), so the bytes of a
 batch do not depend on which augmenter made it.
@@ -21,9 +22,9 @@ import numpy as np
 import zmq
 
 from alexnetd.pipeline import wire
-from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample, center_square
+from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample
 from alexnetd.pipeline.plan import train_draws
-from alexnetd.pipeline.ring import CROP, IMAGE, Ring
+from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
 __all__ = ["run_augmenter", "augment_batch"]
@@ -75,48 +76,23 @@ def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int, cl
     """Decode one job into its slot; return the 'ready' message's fields and arrays."""
     blob, offsets, labels, indices = job.arrays
     epoch, split, slot = job["epoch"], job["split"], job["slot"]
-    train = split == "train"
-    out = ring.view(slot, split)
-    draws = train_draws(seed, epoch, indices) if train else None
+    out = ring.view(slot)
     kept, skipped = [], []
-    scratch = np.empty((CROP, CROP * 3 // 8), np.uint64)
     for i in range(len(indices)):
-        data = blob[offsets[i]:offsets[i + 1]]
-        mirrored = train and bool(draws.flips[i])
         try:
-            # Prepared 256x256 images pass straight through; full-size ImageFolder
-            # input is DCT-scaled while decoding, then cut to the central square.
-            image = center_square(decoder.decode_rgb(data, min_side=IMAGE, bgr=mirrored), IMAGE)
+            # Into the next free place: a skipped sample's half-written pixels are
+            # overwritten by the next image, and the kept ones stay packed to the front.
+            decoder.decode_into(blob[offsets[i]:offsets[i + 1]], out[len(kept)])
         except SkipSample as exc:
             clock.skip(exc.reason)
             skipped.append([int(indices[i]), exc.reason])
             continue
-        j = len(kept)
-        if not train:
-            out[j] = image
-        elif mirrored:
-            top, left = draws.crops[i]
-            out[j] = image[top:top + CROP, left:left + CROP]  # still BGR here
-            _reverse_rows(out[j], scratch)
-        else:
-            top, left = draws.crops[i]
-            out[j] = image[top:top + CROP, left:left + CROP]
         kept.append(i)
     kept = np.asarray(kept, np.int64)
     clock.images += len(kept)
     arrays = [np.ascontiguousarray(labels[kept]), np.ascontiguousarray(indices[kept])]
-    if train:
-        arrays += [draws.crops[kept], draws.flips[kept], draws.alphas[kept]]
+    if split == "train":
+        draws = train_draws(seed, epoch, indices[kept])
+        arrays += [draws.crops, draws.flips, draws.alphas]
     return dict(arrays=arrays, epoch=epoch, seq=job["seq"], slot=slot, split=split, n=len(kept),
                 generation=job["generation"], skipped=skipped)
-
-
-def _reverse_rows(crop: np.ndarray, scratch: np.ndarray) -> None:
-    """Mirror a BGR crop in place into RGB: reversing the bytes of a BGR row gives the
-    mirrored RGB row. Done 8 bytes at a time (reverse the row's uint64 words, byte-swap
-    each): measured 3x faster than numpy's byte-strided [:, ::-1] copy into the ring,
-    which cost more than a third of the decode."""
-    words = crop.reshape(CROP, CROP * 3).view(np.uint64)  # 672-byte rows: 84 words
-    np.copyto(scratch, words[:, ::-1])
-    scratch.byteswap(inplace=True)
-    words[:] = scratch

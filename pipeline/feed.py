@@ -44,7 +44,7 @@ class Batch:
     epoch: int
     seq: int
     split: str
-    images: torch.Tensor      # uint8 NHWC: (n,224,224,3) crops for train, (n,256,256,3) for val
+    images: torch.Tensor      # uint8 NHWC (n,256,256,3) whole images; train crops are cut on the device
     labels: torch.Tensor      # int64 (n,)
     indices: np.ndarray       # sample indices in the split
     crops: np.ndarray | None = None    # (n,2) top,left of each training crop
@@ -218,7 +218,7 @@ class Feed:
         arrays = [np.array(a) for a in msg.arrays]  # own the data: frames are reused
         labels, indices = arrays[0], arrays[1]
         crops, flips, alphas = (arrays[2], arrays[3], arrays[4]) if split == "train" else (None, None, None)
-        host = self.ring.view(slot, split, n)
+        host = self.ring.view(slot, n)
         if self._cuda:
             index = self._free_buffers.pop()
             device_buffer = self._buffers[index][:host.size].view(host.shape)

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 from PIL import Image
-from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_FASTUPSAMPLE, TJPF_BGR, TJPF_RGB, TurboJPEG
+from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_FASTUPSAMPLE, TJPF_RGB, TurboJPEG
 
 __all__ = ["Decoder", "SkipSample", "REASONS", "DEFAULT_MAX_PIXELS"]
 
@@ -62,37 +62,18 @@ class Decoder:
         # Down-scaling only: an image smaller than wanted is decoded whole and resized.
         self.scales = sorted((f for f in self.turbo.scaling_factors if f[0] <= f[1]),
                              key=lambda f: f[0] / f[1], reverse=True)
+        self._scratch = np.empty(0, np.uint8)  # decode_into's buffer for images to resize
 
-    # -- the two entry points ------------------------------------------------------
+    # -- the entry points ----------------------------------------------------------
 
-    def decode_rgb(self, data, min_side: int | None = None, bgr: bool = False) -> np.ndarray:
-        """Decode to an H×W×3 uint8 RGB array (BGR with `bgr=True`).
+    def decode_rgb(self, data, min_side: int | None = None) -> np.ndarray:
+        """Decode to a fresh H×W×3 uint8 RGB array.
 
         With `min_side`, decode at the smallest DCT scale (1/2, 1/4, 1/8 ...) whose
         shorter side is still >= min_side: a 2000×1500 photo wanted at 256 decodes
         at 1/4 scale, about 10× less IDCT work than decoding it whole.
-
-        `bgr=True` serves the augmenters' mirroring: reversing the bytes of a BGR row
-        gives the mirrored row in RGB, so a mirror is a word-wise reversal instead of a
-        slow 3-byte-strided copy.
         """
-        if len(data) == 0:
-            raise SkipSample("truncated", "empty file")
-        if bytes(data[:2]) != _JPEG_MAGIC:  # data: bytes or a uint8 array view
-            return self._decode_other(data, min_side, bgr)
-        width, height, colorspace = self._header(data)
-        if colorspace in (TJCS_CMYK, TJCS_YCCK):
-            # TurboJPEG cannot convert CMYK to RGB; Pillow can (rare on ImageNet: 22 files).
-            return self._decode_other(data, min_side, bgr)
-        scale = self._scale_for(width, height, min_side)
-        try:
-            _damage_raises()
-            return self.turbo.decode(data, pixel_format=TJPF_BGR if bgr else TJPF_RGB, scaling_factor=scale,
-                                     flags=self.flags)
-        except UserWarning as exc:
-            raise SkipSample("truncated", str(exc)) from None
-        except OSError as exc:
-            raise SkipSample("undecodable", str(exc)) from None
+        return self._decode(data, min_side, None)
 
     def decode_square(self, data: bytes, size: int = 256) -> np.ndarray:
         """The paper's §2 down-sampling: shorter side to `size`, then the central
@@ -100,7 +81,54 @@ class Decoder:
         image = self.decode_rgb(data, min_side=size)
         return center_square(image, size)
 
+    def decode_into(self, data, out: np.ndarray) -> None:
+        """Decode one image into `out`, a C-contiguous (size, size, 3) uint8 view (the
+        augmenters' place in a ring slot), as `decode_square` would produce it.
+
+        An image whose (DCT-scaled) size is already size×size, i.e. every image of a
+        prepared dataset, is decoded by libjpeg-turbo straight into `out`: no array is
+        allocated and no byte is copied. Any other image is DCT-scaled while decoding
+        into a reused scratch buffer, then resized once into `out` (see _resize_into
+        for the copies that remain on that path)."""
+        size = out.shape[0]
+        if len(data) >= 2 and bytes(data[:2]) == _JPEG_MAGIC:
+            width, height, colorspace = self._header(data)
+            if colorspace not in (TJCS_CMYK, TJCS_YCCK):
+                scale, scaled = self.scaled_size(width, height, size)
+                if scaled == (size, size):
+                    self._decode(data, size, out, scale)
+                    return
+                area = scaled[0] * scaled[1] * 3
+                if self._scratch.size < area:
+                    self._scratch = np.empty(area, np.uint8)
+                image = self._decode(data, size, self._scratch[:area].reshape(*scaled, 3), scale)
+                _resize_into(image, out)
+                return
+        _resize_into(self._decode(data, size, None), out)  # empty, non-JPEG or CMYK: fails or Pillow
+
     # -- helpers -------------------------------------------------------------------
+
+    def _decode(self, data, min_side: int | None, dst: np.ndarray | None, scale="pick") -> np.ndarray:
+        """Decode to RGB, into `dst` when it has exactly the decoded shape (PyTurboJPEG
+        allocates a fresh array otherwise). `scale` is the DCT scale if the caller
+        already chose it from the header."""
+        if len(data) == 0:
+            raise SkipSample("truncated", "empty file")
+        if bytes(data[:2]) != _JPEG_MAGIC:  # data: bytes or a uint8 array view
+            return self._decode_other(data, min_side)
+        if scale == "pick":
+            width, height, colorspace = self._header(data)
+            if colorspace in (TJCS_CMYK, TJCS_YCCK):
+                # TurboJPEG cannot convert CMYK to RGB; Pillow can (rare on ImageNet: 22 files).
+                return self._decode_other(data, min_side)
+            scale = self._scale_for(width, height, min_side)
+        try:
+            _damage_raises()
+            return self.turbo.decode(data, pixel_format=TJPF_RGB, scaling_factor=scale, flags=self.flags, dst=dst)
+        except UserWarning as exc:
+            raise SkipSample("truncated", str(exc)) from None
+        except OSError as exc:
+            raise SkipSample("undecodable", str(exc)) from None
 
     def _header(self, data: bytes) -> tuple[int, int, int]:
         try:
@@ -112,6 +140,13 @@ class Decoder:
             raise SkipSample("too_large", f"{width}x{height} is over the {self.max_pixels} pixel budget")
         return width, height, colorspace
 
+    def scaled_size(self, width: int, height: int, min_side: int) -> tuple:
+        """(DCT scale, (height, width) that libjpeg-turbo decodes to at that scale)."""
+        scale = self._scale_for(width, height, min_side)
+        num, denom = scale or (1, 1)
+        # TurboJPEG's TJSCALED(): ceil(dimension * num / denom).
+        return scale, ((height * num + denom - 1) // denom, (width * num + denom - 1) // denom)
+
     def _scale_for(self, width: int, height: int, min_side: int | None):
         if not min_side:
             return None
@@ -121,7 +156,7 @@ class Decoder:
                 chosen = (num, denom)
         return None if chosen in (None, (1, 1)) else chosen
 
-    def _decode_other(self, data, min_side: int | None, bgr: bool = False) -> np.ndarray:
+    def _decode_other(self, data, min_side: int | None) -> np.ndarray:
         """Pillow for CMYK JPEGs and for non-JPEG files named .JPEG (PNG, GIF...)."""
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -132,8 +167,7 @@ class Decoder:
                 im.load()
                 if im.mode not in ("RGB", "L", "CMYK", "P", "RGBA", "LA", "I;16", "I", "F", "YCbCr"):
                     raise SkipSample("unsupported", f"image mode {im.mode}")
-                rgb = np.asarray(im.convert("RGB"))
-                return np.ascontiguousarray(rgb[:, :, ::-1]) if bgr else rgb
+                return np.asarray(im.convert("RGB"))
         except SkipSample:
             raise
         except Image.DecompressionBombError as exc:
@@ -168,3 +202,15 @@ def center_square(image: np.ndarray, size: int) -> np.ndarray:
     box = (left, top, left + side, top + side)
     resized = Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
     return np.asarray(resized)
+
+
+def _resize_into(image: np.ndarray, out: np.ndarray) -> None:
+    """center_square(image) written into `out`. An image already of out's shape is one
+    copy. Otherwise Pillow resizes: its own 4-byte pixels in (1 pass), the resize (1),
+    out of Pillow (1) and into the slot (1), four passes over the pixels after the
+    decode; Pillow cannot write into a caller's buffer, and it is still the best-kept
+    resampler we have (full-size input only: prepared shards never come here)."""
+    if image.shape == out.shape:
+        np.copyto(out, image)
+    else:
+        np.copyto(out, center_square(image, out.shape[0]))

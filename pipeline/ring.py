@@ -5,11 +5,13 @@ Why not send decoded batches over ZeroMQ: measured on these machines, `ipc://` m
 core; a reused shared-memory ring hands batches over at memory speed. Only small
 "seq n is in slot k" messages travel on sockets.
 
-Each slot holds up to `batch` images of 256x256x3 uint8 (NHWC):
-- a training batch uses the slot's first batch*224*224*3 bytes as a (batch, 224, 224, 3)
-  array of random crops (the augmenter crops and flips while writing);
-- a validation batch uses the whole slot as (batch, 256, 256, 3) images, so the
-  trainer can cut the centre crop or the paper's 10 crops on the device.
+Each slot holds up to `batch` whole 256x256x3 uint8 images (NHWC), for training and
+validation alike. The augmenters decode each stored image straight into its place in
+the slot; the random 224 crop and the mirror of a training sample are taken on the
+device, in the same gather that subtracts the mean image (pipeline/transform.py).
+Why whole images: a decoded image's bytes are then written once on the CPU (no crop
+copy, no mirror copy), at the price of 256²/224² = 1.31x more bytes per batch crossing
+PCIe (still uint8, 4x fewer than float), which the copier's DMA absorbs.
 
 The segment is a file in /dev/shm named after the run directory, so a crashed run's
 segment is found and replaced at the next start instead of leaking. We map the file
@@ -71,20 +73,11 @@ class Ring:
             os.close(fd)
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
 
-    def train_view(self, slot: int, n: int | None = None) -> np.ndarray:
-        """(n, 224, 224, 3) crops of a training batch in slot k."""
-        n = self.batch if n is None else n
-        start = slot * self.slot_bytes
-        return self.buffer[start:start + n * CROP * CROP * 3].reshape(n, CROP, CROP, 3)
-
-    def image_view(self, slot: int, n: int | None = None) -> np.ndarray:
-        """(n, 256, 256, 3) whole images of a validation batch in slot k."""
+    def view(self, slot: int, n: int | None = None) -> np.ndarray:
+        """(n, 256, 256, 3) whole images of the batch in slot k."""
         n = self.batch if n is None else n
         start = slot * self.slot_bytes
         return self.buffer[start:start + n * IMAGE * IMAGE * 3].reshape(n, IMAGE, IMAGE, 3)
-
-    def view(self, slot: int, split: str, n: int | None = None) -> np.ndarray:
-        return self.train_view(slot, n) if split == "train" else self.image_view(slot, n)
 
     def close(self) -> None:
         self.buffer = None

@@ -1,11 +1,15 @@
 """On the device: uint8 NHWC batch -> the float NCHW input the network sees.
 
-Two steps of the paper happen here rather than in the augmenters, because they are
-per-pixel arithmetic the device does almost for free and doing them on the CPU would
-quadruple the bytes crossing PCIe (float instead of uint8):
-- §2: subtract the per-pixel mean *image* of the training set, cropped (and mirrored)
-  exactly like the sample was;
+Four steps of the paper happen here rather than in the augmenters, in one gather on the
+device (on the CPU when training on the CPU):
+- §4.1: the random 224x224 patch of the whole 256x256 image, mirrored on a coin flip;
+- §2: subtract the per-pixel mean *image* of the training set, cut (and mirrored)
+  exactly like the sample;
 - §4.1: PCA lighting: add sum_i p_i * alpha_i * lambda_i to every pixel.
+Why here: it is per-pixel indexing and arithmetic the device does almost for free; on
+the CPU the crop and the mirror were each a copy of every image on top of the decode,
+and float output would quadruple the bytes crossing PCIe. The price is that whole
+images cross PCIe, 256²/224² = 1.31x the bytes of the crops, still as uint8.
 
 Units of the lighting term. The paper's formula adds eigenvalues (variances) to pixel
 values, so its size depends on the pixel scale. We follow the convention of the widely
@@ -51,9 +55,15 @@ class InputTransform:
         self._arange = torch.arange(CROP, device=self.device)
 
     def train(self, images: torch.Tensor, crops, flips, alphas) -> torch.Tensor:
-        """(n,224,224,3) uint8 crops -> (n,3,224,224) float32, mean-subtracted, relit."""
-        x = images.to(self.device, non_blocking=True).float()
-        x -= self._mean_crops(self._to_device(crops).long(), self._to_device(flips).bool())
+        """(n,256,256,3) uint8 whole images and each sample's draws -> (n,3,224,224)
+        float32: the crop at (top, left), mirrored where flipped, minus the mean image
+        cut the same way, plus the lighting shift."""
+        images = images.to(self.device, non_blocking=True)
+        rows, cols = self._crop_index(self._to_device(crops).long(), self._to_device(flips).bool())
+        # One gather for the pixels and one for the mean, with the same indices.
+        batch = torch.arange(len(images), device=self.device)[:, None, None]
+        x = images[batch, rows, cols].float()               # (n,224,224,3)
+        x -= self.mean[rows, cols]
         if self.lighting:
             x += self.lighting_shift(self._to_device(alphas).float())[:, None, None, :]
         return x.permute(0, 3, 1, 2)
@@ -83,10 +93,10 @@ class InputTransform:
         # non_blocking: torch.as_tensor(..., device=cuda) would wait for the device.
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
 
-    def _mean_crops(self, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """The mean image cut at each sample's crop, mirrored where the sample was:
-        one gather instead of n slices."""
+    def _crop_index(self, crops: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column indices of each sample's patch, (n,224,1) and (n,1,224); a
+        mirrored sample reads its columns right to left."""
         rows = crops[:, 0:1] + self._arange            # (n,224)
         cols = crops[:, 1:2] + self._arange            # (n,224)
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-        return self.mean[rows[:, :, None], cols[:, None, :]]  # (n,224,224,3)
+        return rows[:, :, None], cols[:, None, :]

@@ -30,10 +30,28 @@ def test_rgb_jpeg_decodes_to_its_size():
     assert image.shape == (240, 320, 3) and image.dtype == np.uint8
 
 
-def test_bgr_is_rgb_reversed():
-    data = jpeg()
-    rgb, bgr = Decoder().decode_rgb(data), Decoder().decode_rgb(data, bgr=True)
-    assert np.array_equal(rgb, bgr[:, :, ::-1])
+def test_decode_into_writes_a_prepared_image_straight_into_the_view():
+    data = jpeg(256, 256)
+    ring = np.zeros((2, 256, 256, 3), np.uint8)
+    Decoder(fast=True).decode_into(data, ring[1])
+    assert np.array_equal(ring[1], Decoder(fast=True).decode_rgb(data))
+    assert not ring[0].any()  # nothing outside its place
+
+
+@pytest.mark.parametrize("size", [(2048, 1536), (500, 375), (200, 150), (512, 512)])
+def test_decode_into_equals_decode_square_for_any_size(size):
+    data = jpeg(*size)
+    out = np.empty((256, 256, 3), np.uint8)
+    decoder = Decoder(fast=True)
+    decoder.decode_into(data, out)
+    assert np.array_equal(out, decoder.decode_square(data, 256))
+
+
+def test_decode_into_refuses_a_bomb_before_allocating():
+    out = np.zeros((256, 256, 3), np.uint8)
+    with pytest.raises(SkipSample) as info:
+        Decoder(fast=True).decode_into(with_size(jpeg(64, 64), 60000, 60000), out)
+    assert info.value.reason == "too_large" and not out.any()
 
 
 def test_dct_scaling_picks_the_smallest_scale_not_below_the_wanted_side():

@@ -77,23 +77,39 @@ def test_draw_statistics_match_the_paper():
     assert abs(draws.alphas.mean()) < 0.005
 
 
-def test_crops_in_the_ring_match_a_direct_decode(prepared_data, tmp_path):
+def test_ring_holds_whole_images_and_the_device_input_matches_numpy(prepared_data, tmp_path):
+    """The augmenters write each whole decoded image; the trainer's input equals a direct
+    numpy computation of crop -> mirror -> mean -> lighting for the same draws."""
     from alexnetd.pipeline.jpeg import Decoder
+    from alexnetd.pipeline.transform import InputTransform
 
-    split = open_dataset(prepared_data).split("train")
+    dataset = open_dataset(prepared_data)
+    split = dataset.split("train")
+    mean, eigvals, eigvecs = dataset.stats()
     decoder = Decoder(fast=True)
-    with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=2, seed=11, val_every=0) as pipe:
+    seed = 11
+    with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=2, seed=seed, val_every=0) as pipe:
         batch = pipe.feed.next_batch(timeout_ms=60_000)
         images = batch.images.numpy().copy()
+        x = InputTransform(mean, eigvals, eigvecs).train(batch.images, batch.crops, batch.flips, batch.alphas)
+        x = x.numpy().transpose(0, 2, 3, 1)
         pipe.feed.release(batch)
+    assert images.shape == (BATCH, 256, 256, 3)
+    draws = train_draws(seed, batch.epoch, batch.indices)
+    assert np.array_equal(batch.crops, draws.crops) and np.array_equal(batch.flips, draws.flips)
+    assert np.array_equal(batch.alphas, draws.alphas)
+    shifts = 255.0 * (draws.alphas.astype(np.float64) * eigvals / 255.0 ** 2) @ eigvecs.T
     for j, index in enumerate(batch.indices):
         image = decoder.decode_rgb(split.read(int(index)))
-        top, left = batch.crops[j]
-        expected = image[top:top + 224, left:left + 224]
-        if batch.flips[j]:
-            expected = expected[:, ::-1]
-        assert np.array_equal(images[j], expected)
+        assert np.array_equal(images[j], image)
         assert batch.labels[j] == split.labels[index]
+        top, left = draws.crops[j]
+        patch = image[top:top + 224, left:left + 224].astype(np.float64) - mean[top:top + 224, left:left + 224]
+        if draws.flips[j]:
+            patch = patch[:, ::-1]
+        # float32 on the device against float64 here: at most four float32 roundings of
+        # values below 512 (< 1.3e-4 in all), whatever the CPU; see test_transform.py.
+        np.testing.assert_allclose(x[j], patch + shifts[j], rtol=0, atol=1e-3)
 
 
 def test_simulated_step_sets_the_rate_when_slower_than_the_input(prepared_data, tmp_path):
@@ -136,7 +152,7 @@ def test_corrupt_samples_are_skipped_counted_and_never_fatal(raw_data, tmp_path)
         for _ in range(plan.train_batches * 2):  # two whole epochs: still alive after the bad files
             batch = pipe.feed.next_batch(timeout_ms=60_000)
             assert batch is not None
-            assert batch.images.shape[1:] == (224, 224, 3)
+            assert batch.images.shape[1:] == (256, 256, 3)
             delivered.append((batch.epoch, batch.n, len(batch.skipped)))
             pipe.feed.release(batch)
         skipped = pipe.feed.stats()["skipped"]
