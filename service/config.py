@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_addr"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_addr", "resolve_device"]
 
 
 class ConfigError(ValueError):
@@ -48,10 +48,14 @@ class Config:
     # -- the pipeline ------------------------------------------------------------------
     augmenters: int = 0              # 0: one per core (less one when there are many)
     slots: int = 0                   # 0: 2 per augmenter + 2
-    device: str = "cpu"              # cpu | cuda
+    device: str = "auto"             # auto (CUDA when a device is visible, else cpu) | cpu | cuda
     gpus: int = 1                    # 1, or 2 as the paper's two GPUs
     parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP)
     bf16: bool = True                # CUDA only: bf16 autocast (fp32 when off)
+    # float64 is for exactness checks, not training: it makes the differences that
+    # summation order alone causes (one process against all-reduced ranks, one CPU
+    # against another) 2^29 times smaller than in float32. No autocast with it.
+    dtype: str = "float32"           # float32 | float64: the weights' and inputs' type
     channels_last: bool = True       # CUDA only
     metrics_addr: str = "127.0.0.1:9464"
     log_every: int = 10              # steps between history/log lines
@@ -76,7 +80,8 @@ class Config:
             (0 <= self.skip_budget <= 1, "skip_budget must be in [0, 1]"),
             (self.augmenters >= 0, "augmenters must be >= 0"),
             (self.slots == 0 or self.slots >= 2, "slots must be >= 2"),
-            (self.device in ("cpu", "cuda"), "device must be 'cpu' or 'cuda'"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
+            (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
             (self.gpus in (1, 2), "gpus must be 1 or 2"),
             (self.parallel in ("model", "data"), "parallel must be 'model' or 'data'"),
             # Two CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.
@@ -104,6 +109,16 @@ def parse_addr(addr: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"metrics_addr {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def resolve_device(config: Config) -> Config:
+    """`auto` becomes `cuda` when torch sees a CUDA device, else `cpu`, once, here: the
+    saved config, the stages, status and the metrics all carry the resolved device."""
+    if config.device != "auto":
+        return config
+    import torch
+
+    return dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> Config:

@@ -95,10 +95,12 @@ class Trainer:
             torch.manual_seed(config.seed)
         self.device = torch.device(f"cuda:{rank}" if config.device == "cuda" else "cpu")
         num_classes = len(self.dataset.classes)
+        self.dtype = getattr(torch, config.dtype)
+        self.autocast = config.bf16 and self.device.type == "cuda" and self.dtype == torch.float32
         if config.gpus == 2 and config.parallel == "model":
             self.model = TwoTowerAlexNet(num_classes, config.dropout, config.bias_init, devices=("cuda:0", "cuda:1"))
         else:
-            self.model = AlexNet(num_classes, config.dropout, config.bias_init).to(self.device)
+            self.model = AlexNet(num_classes, config.dropout, config.bias_init).to(self.device, self.dtype)
             if self.device.type == "cuda" and config.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model  # what the step calls: the model, or its DDP wrapper
@@ -232,12 +234,12 @@ class Trainer:
         if batch.n == 0:
             return  # every image of the batch failed to decode
         start = time.perf_counter()
-        x = self.transform.train(batch.images, batch.crops, batch.flips, batch.alphas)
+        x = self.transform.train(batch.images, batch.crops, batch.flips, batch.alphas).to(self.dtype)
         labels = batch.labels.to(self.device, non_blocking=True)
         self.model.train()
-        with autocast_context(self.device, self.config.bf16 and self.device.type == "cuda"):
+        with autocast_context(self.device, self.autocast):
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float() if self.autocast else logits, labels)  # bf16 logits: the loss in fp32
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -259,8 +261,8 @@ class Trainer:
             return  # a rank's share of the last batch can be empty, or all images bad
         self.model.eval()
         crops = self.config.val_crops
-        x = self.transform.eval(batch.images, crops=crops)
-        with autocast_context(self.device, self.config.bf16 and self.device.type == "cuda"):
+        x = self.transform.eval(batch.images, crops=crops).to(self.dtype)
+        with autocast_context(self.device, self.autocast):
             logits = self.model(x)
         # §4.1: average the softmax over the crops of each image
         probs = logits.float().softmax(1).reshape(batch.n, crops, -1).mean(1)

@@ -33,12 +33,17 @@ def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     started = cli(*start_args(prepared_data, run_dir, port), check=True)
     assert "alexnetd is training" in started.stdout and f"127.0.0.1:{port}/metrics" in started.stdout
+    # No --device: auto, which says what it chose (this suite runs where torch sees no GPU
+    # or on one where it does; either way the start message, status and metrics agree).
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"device   {chosen}" in started.stdout and "(auto: " in started.stdout
     assert oct(os.stat(run_dir).st_mode & 0o777) == "0o700"
     try:
         first = wait_for(lambda: (s := status(run_dir)) and s["step"] >= 2 and s, what="training to move")
         assert first["state"] in ("training", "validating")
         assert set(first["stages"]) == {"loader", "augmenter", "copier", "trainer"}
         assert first["stages"]["augmenter"]["processes"] == 2
+        assert first["device"] == chosen
 
         # A second daemon on the same run directory is refused, and nothing new runs.
         again = cli(*start_args(prepared_data, run_dir, free_port()))
@@ -49,6 +54,8 @@ def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
             assert sample(text, "alexnetd_stage_images_total", stage=stage) > 0
             assert sample(text, "alexnetd_stage_busy_seconds_total", stage=stage) >= 0
         assert sample(text, "alexnetd_train_steps_total") >= 2
+        from alexnetd import __version__
+        assert sample(text, "alexnetd_info", version=__version__, device=chosen) == 1
         assert sample(text, "alexnetd_state", state="training") + sample(text, "alexnetd_state", state="validating") == 1
         augmenter_images = sample(text, "alexnetd_stage_images_total", stage="augmenter")
 
@@ -88,6 +95,7 @@ def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
         cli("stop", "--run-dir", run_dir, check=True)
     log = (run_dir / "alexnetd.log").read_text()
     assert f"at epoch {saved['epoch']} seq {saved['next_seq']}, step {saved['step']}" in log
+    assert f"training on {chosen}" in log
 
 
 def test_resumed_run_reaches_the_same_weights(prepared_data, tmp_path):
@@ -172,9 +180,22 @@ def test_past_the_skip_budget_the_daemon_stops_with_a_reason(raw_data, tmp_path)
 def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tmp_path):
     """Two replicas (DDP over gloo on the CPU) with batches of 8 take the same steps as one
     trainer with batches of 16: rank r trains on every other batch of the same permutation,
-    and DDP averages the gradients. Dropout off, so both runs draw no randomness."""
-    config = tmp_path / "no-dropout.toml"
-    config.write_text("dropout = 0.0\n")
+    and DDP averages the gradients. Dropout off, so both runs draw no randomness.
+
+    The two sides are equal only up to summation order: one process sums a weight's
+    gradient over 16 samples in one reduction, the pair sums two halves of 8 and gloo
+    adds them. In float32 that alone moves weights by ~1e-6 after 3 steps, by an amount
+    that depends on the CPU's kernels (it broke a 1e-6 tolerance on one CPU and not on
+    another). So both sides train in float64 (`dtype`), where the unit roundoff is
+    u = 2^-53 instead of 2^-24: the same reorderings move weights 2^29 ≈ 5.4e8 times less,
+    ~1e-15. Bound: the longest reduction is conv1's weight gradient, N = 16 x 55 x 55 =
+    48,400 terms; two orders differ by at most 2·N·u·Σ|terms| ≈ 1.1e-11·Σ|terms|, and
+    after three steps of lr 0.01 with momentum the weights by a few times lr times that,
+    which stays far below 1e-9 for per-term gradients of size well below 1e2. A real
+    fault (a rank on the wrong batches, gradients summed instead of averaged, a missed
+    all-reduce) moves weights by lr·|g| >= 1e-6, three orders above the tolerance."""
+    config = tmp_path / "exact.toml"
+    config.write_text('dropout = 0.0\ndtype = "float64"\n')
     common = ["--config", config, "--deterministic", "--max-steps", 3, "--augmenters", 1, "--seed", 4]
     single, pair = tmp_path / "single", tmp_path / "pair"
     cli(*start_args(prepared_data, single, free_port(), *common), "--batch-size", 16, check=True)
@@ -186,7 +207,8 @@ def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tm
     assert a["step"] == b["step"] == 3
     assert (a["epoch"], a["next_seq"]) == (b["epoch"], b["next_seq"])
     for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
+        assert tensor.dtype == torch.float64
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-9)
     log = (pair / "alexnetd.log").read_text()
     assert "started trainer@1" in log and "started augmenter-0@1" in log
 
