@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# A CPU build of torch installs in seconds; any torch >= 2.3 works (CUDA builds too).
-TORCH  ?= torch==2.13.0
+# torch: a CUDA build where an NVIDIA driver is loaded (PyPI's default Linux wheel), the
+# CPU build elsewhere (2.13.0 installs in seconds). Any torch >= 2.3 works: override
+# with e.g. `make test TORCH='torch==2.13.0'`. A venv that already has torch keeps it.
+NVIDIA := $(shell { test -e /proc/driver/nvidia/version || nvidia-smi -L; } >/dev/null 2>&1 && echo yes)
+TORCH  ?= $(if $(NVIDIA),torch,torch==2.13.0)
 DEMO_DATA ?= demo-data
 DEMO_RUN  ?= demo-run
 # Run a system command as root when we are root or may sudo; otherwise say what is missing.
@@ -33,6 +36,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml | sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { $(ASROOT) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	@echo "torch: $(if $(NVIDIA),an NVIDIA driver is loaded: a CUDA build,no NVIDIA driver: the CPU build) ($(TORCH)); override with TORCH=..."
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install -q '$(TORCH)' || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

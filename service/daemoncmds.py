@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from alexnetd.service.config import Config, ConfigError, load_config, parse_addr
+from alexnetd.service.config import Config, ConfigError, load_config, parse_addr, resolve_device
 from alexnetd.service.control import NotRunning, PidFile, request
 from alexnetd.service.paths import default_run_dir
 
@@ -46,7 +46,7 @@ def _options(func):
         click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep [3]."),
         click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[cpu]"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when a device is visible, else the CPU [auto]."),
         click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs (model) or two replicas (data; two CPU processes with --device cpu) [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
@@ -76,6 +76,20 @@ def resolve_config(data, run_dir, config_file, **flags) -> Config:
     config = load_config(config_file, data=str(Path(data).expanduser().resolve()), run_dir=str(run_dir.resolve()),
                          **flags)
     return config
+
+
+def describe_device(config: Config, asked: str) -> str:
+    """One line for the start message: which device, and why."""
+    if config.device == "cuda":
+        import torch
+
+        where = f"cuda ({torch.cuda.get_device_name(0)}" + (f", {config.gpus} GPUs" if config.gpus > 1 else "") + ")"
+    else:
+        where = "cpu"
+    if asked == "auto":
+        return where + ("  (auto: a CUDA device is visible)" if config.device == "cuda"
+                        else "  (auto: no CUDA device visible; --device cuda to insist)")
+    return where
 
 
 def preflight(config: Config, fresh: bool) -> None:
@@ -164,11 +178,13 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
         config = resolve_config(data, run_dir, config_file, **flags)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    asked, config = config.device, resolve_device(config)
     preflight(config, fresh)
     run_dir = Path(config.run_dir)
     if fresh:
         _set_aside_previous_run(run_dir)
     config.save(run_dir / "config.json")
+    device_line = describe_device(config, asked)
     args = [sys.executable, "-m", "alexnetd.service.supervisor", str(run_dir)] + (["--fresh"] if fresh else [])
     if foreground:
         os.execv(sys.executable, args)  # the supervisor becomes this process: signals reach it directly
@@ -177,6 +193,7 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
         proc = subprocess.Popen(args, stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     status = _wait_ready(run_dir, proc, log_path)
     click.echo(f"alexnetd is {status['state']} (pid {proc.pid})")
+    click.echo(f"  device   {device_line}")
     click.echo(f"  logs     {log_path}")
     click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")
     click.echo(f"  metrics  {status['metrics_url']}")

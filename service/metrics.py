@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from alexnetd import __version__
 from alexnetd.pipeline.jpeg import REASONS
 from alexnetd.pipeline.stage import STAGES
 
@@ -40,6 +41,7 @@ EXPORTED_METRICS = (
     "alexnetd_checkpoint_last_timestamp_seconds",
     "alexnetd_memory_bytes",
     "alexnetd_state",
+    "alexnetd_info",
 )
 
 
@@ -48,7 +50,7 @@ class DaemonCollector(Collector):
     {"stages": {stage: {"images", "busy", "starved", "blocked", "processes", "restarts"}},
      "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
-     "memory": {device: bytes}, "state": str}"""
+     "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda"}"""
 
     def __init__(self, snapshot):
         self.snapshot = snapshot
@@ -95,6 +97,11 @@ class DaemonCollector(Collector):
         for device, used in (s["memory"] or {"cpu": 0}).items():
             memory.add_metric([device], float(used))
         yield memory
+
+        info = GaugeMetricFamily("alexnetd_info", "Always 1; the labels say what this daemon runs on.",
+                                 labels=["version", "device"])
+        info.add_metric([__version__, s.get("device", "cpu")], 1.0)
+        yield info
 
         state = GaugeMetricFamily("alexnetd_state", "1 for the daemon's current state.", labels=["state"])
         for name in STATES:

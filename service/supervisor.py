@@ -41,7 +41,7 @@ from alexnetd.pipeline.launch import default_augmenters, default_slots, input_st
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints
-from alexnetd.service.config import Config, parse_addr
+from alexnetd.service.config import Config, parse_addr, resolve_device
 from alexnetd.service.control import PidFile, control_endpoint
 from alexnetd.service.history import History
 from alexnetd.service.metrics import DaemonCollector
@@ -64,6 +64,7 @@ class Halt(Exception):
 
 class Supervisor:
     def __init__(self, config: Config, fresh: bool = False):
+        config = resolve_device(config)  # `alexnetd start` resolved it already; a hand-written config.json may not
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.fresh = fresh
@@ -135,6 +136,7 @@ class Supervisor:
                 except OSError as exc:
                     raise Halt(f"cannot create the batch ring in /dev/shm: {exc.strerror}; "
                                "use fewer --slots or a smaller --batch-size") from None
+            log.info("training on %s with %d augmenter(s) per rank", self.config.device, self.n_augmenters)
             self._spawn_trainers(resume=not self.fresh)
             for rank in range(self.world):
                 self._spawn_input(rank)
@@ -498,7 +500,7 @@ class Supervisor:
             "train_images": totals["trainer"]["images"], "steps": trainer.get("step", 0),
             "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
-            "memory": trainer.get("memory"), "state": status["state"],
+            "memory": trainer.get("memory"), "state": status["state"], "device": self.config.device,
         }
 
     def _stage_history_line(self) -> None:
