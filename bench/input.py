@@ -7,17 +7,21 @@
 In one run, on one prepared dataset and one set of cores, one row after another (never
 two at once), it measures images/s of:
 
-  ceiling     libjpeg-turbo decoding the dataset's JPEGs from memory, one process per
-              core, nothing else (alexnetd.pipeline.inputbench.decode_ceiling)
-  alexnetd    `alexnetd bench-input --no-ceiling --augmenters CORES`, in a subprocess
-  dataloader  torch DataLoader, CORES workers, PyTurboJPEG decode, numpy crop, torch flip
-  dali        NVIDIA DALI's CPU pipeline (skipped, saying why, if it cannot run)
+  ceiling     the fastest decode loop: libjpeg-turbo decoding the dataset's JPEGs from
+              memory into one reused buffer, augmenters' flags, one process per core,
+              nothing else (alexnetd.pipeline.inputbench.decode_ceiling)
+  alexnetd    `alexnetd bench-input --no-ceiling --augmenters CORES`, in a subprocess:
+              whole 256x256 images decoded into the ring + each sample's draws
+  dataloader  torch DataLoader, CORES workers, the same job at its fastest: whole
+              batches decoded by PyTurboJPEG into shared memory
+  dali        NVIDIA DALI's CPU pipeline, ROI decode of the random 224 crop + flip
+  dali-whole  NVIDIA DALI's CPU pipeline, whole-image decode (exactly our job)
   pil         torch DataLoader, CORES workers, torchvision-style PIL crop + flip
 
 and prints each row's images/s with alexnetd's ratio to it (alexnetd ÷ row) next to
-the target for that ratio. Every row does the same work on the same files: the stored
-256x256 JPEG to a random 224x224 crop, mirrored on a coin flip, in batches of 128,
-uint8 NHWC out (the ceiling decodes only). Details in bench/peers.py.
+the target for that ratio; DALI's target is held against the faster of its two forms.
+Every row reads the same files, batches of 128, uint8 NHWC out. Details in
+bench/peers.py. DALI rows are skipped, saying why, if DALI cannot run.
 
 Without --data it generates a small dataset once (20 classes x 100 training images)
 and keeps it under bench/.cache/.
@@ -41,14 +45,15 @@ FAKE = dict(classes=20, train_per_class=100)
 
 # name -> what the row is, in the table
 ROWS = {
-    "ceiling": "bare-decode ceiling (libjpeg-turbo)",
+    "ceiling": "decode ceiling (reused buffer)",
     "alexnetd": "alexnetd bench-input",
-    "dataloader": "torch DataLoader + PyTurboJPEG",
-    "dali": "DALI CPU pipeline",
+    "dataloader": "torch DataLoader, batched, shm",
+    "dali": "DALI CPU, ROI decode + flip",
+    "dali-whole": "DALI CPU, whole-image decode",
     "pil": "torchvision-style PIL DataLoader",
 }
-# The least alexnetd ÷ row we aim for.
-TARGETS = {"ceiling": 0.85, "dali": 1.4, "dataloader": 2.0}
+# The least alexnetd ÷ row we aim for ("dali": against the faster DALI form).
+TARGETS = {"ceiling": 0.95, "dali": 1.5, "dataloader": 1.5}
 
 
 def log(message: str) -> None:
@@ -111,11 +116,15 @@ def run_dataloader(data: str, cores: int, seconds: float):
     return peers.torch_dataloader(data, cores, seconds), {}
 
 
-def run_dali(data: str, cores: int, seconds: float):
-    rate = peers.dali_cpu(data, cores, seconds)  # DaliUnavailable when it cannot run
+def run_dali(data: str, cores: int, seconds: float, roi: bool = True):
+    rate = peers.dali_cpu(data, cores, seconds, roi=roi)  # DaliUnavailable when it cannot run
     from nvidia.dali import __version__ as version
 
     return rate, {"version": version}
+
+
+def run_dali_whole(data: str, cores: int, seconds: float):
+    return run_dali(data, cores, seconds, roi=False)
 
 
 def run_pil(data: str, cores: int, seconds: float):
@@ -123,7 +132,7 @@ def run_pil(data: str, cores: int, seconds: float):
 
 
 RUNNERS = {"ceiling": run_ceiling, "alexnetd": run_alexnetd, "dataloader": run_dataloader, "dali": run_dali,
-           "pil": run_pil}
+           "dali-whole": run_dali_whole, "pil": run_pil}
 
 
 # -- report -----------------------------------------------------------------------------
@@ -140,7 +149,9 @@ def build_report(rates: dict, details: dict, skipped: dict) -> list[dict]:
         if ours is not None and rates.get(name):
             row["ratio"] = round(ours / rates[name], 3)
             if row["target"] is not None:
-                row["met"] = row["ratio"] >= row["target"]
+                # DALI at its strongest: the target holds against the faster of its forms.
+                best = max(rates.get(n) or 0 for n in ("dali", "dali-whole")) if name == "dali" else rates[name]
+                row["met"] = ours / best >= row["target"]
         row["images_per_second"] = None if row["images_per_second"] is None else round(row["images_per_second"], 1)
         row.update(details.get(name, {}))
         rows.append(row)
