@@ -23,8 +23,10 @@ the target for that ratio; DALI's target is held against the faster of its two f
 Every row reads the same files, batches of 128, uint8 NHWC out. Details in
 bench/peers.py. DALI rows are skipped, saying why, if DALI cannot run.
 
-Without --data it generates a small dataset once (20 classes x 100 training images)
-and keeps it under bench/.cache/.
+Without --data it uses one of two sets, made once and kept under bench/.cache/:
+`--set generated` (default: `alexnetd fake-data`, 20 classes x 100 training images) or
+`--set photos` (real photographs from Debian's background packages, cut into
+ImageNet-like pictures and prepared; bench/photos.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sys
 from pathlib import Path
 
 import peers  # bench/peers.py, next to this file
+import photos  # bench/photos.py
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 FAKE = dict(classes=20, train_per_class=100)
@@ -172,7 +175,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", help="prepared dataset directory [default: a generated one, cached in bench/.cache/]")
+    ap.add_argument("--data", help="prepared dataset directory [default: --set's, cached in bench/.cache/]")
+    ap.add_argument("--set", dest="dataset_set", choices=["generated", "photos"], default="generated",
+                    help="without --data: generated patterns or real photographs [generated]")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row, after warm-up")
     ap.add_argument("--cores", type=int, default=None, help="cores to use [default: all allowed]")
     ap.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows to run, of: {','.join(ROWS)}")
@@ -188,7 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([sys.executable, *sys.argv])
     if not args.json:
         print(f"$ {command}", flush=True)
-    data = str(Path(args.data) if args.data else cached_dataset())
+    if args.data:
+        data = args.data
+    elif args.dataset_set == "photos":
+        data = str(photos.build(photos.CACHE / "photos", per_photo=120, val_per_photo=0, seed=0))
+    else:
+        data = str(cached_dataset())
     cpus = pin_cores(args.cores)
     cores = len(cpus)
 
