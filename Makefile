@@ -25,6 +25,8 @@ demo: install
 	$(BIN)/alexnetd stop --run-dir $(DEMO_RUN)
 
 test: install testdeps
+	@$(BIN)/python -c 'import nvidia.dali' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,dali]' || \
+	  echo "note: the dali extra did not install; the --decoder dali tests will be skipped"
 	$(BIN)/python -m pytest -q
 
 bench: install

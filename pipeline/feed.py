@@ -63,8 +63,11 @@ class Feed:
     """Start with `start()`; then `next_batch()` / `release(batch)` from the trainer thread."""
 
     def __init__(self, endpoints: dict, ring: Ring, plan: BatchPlan, start=(0, 0),
-                 device: str = "cpu", depth: int = 2):
+                 device: str = "cpu", depth: int = 2, decoded: dict | None = None):
         self.ring, self.plan = ring, plan
+        # --decoder dali: batches already on the device, keyed (generation, epoch, seq),
+        # left there by the DALI thread (pipeline/dali.py) instead of in a ring slot.
+        self.decoded = decoded
         self.ends = endpoints
         self.device = torch.device(device)
         self.depth = depth
@@ -90,7 +93,7 @@ class Feed:
     # -- trainer thread ------------------------------------------------------------
 
     def start(self) -> "Feed":
-        if self._cuda:
+        if self._cuda and self.decoded is None:
             self._setup_cuda()
         self._trainer_end = self._ctx.socket(zmq.PAIR)
         self._trainer_end.bind(self._inproc)
@@ -111,7 +114,7 @@ class Feed:
     def release(self, batch: Batch) -> None:
         """The step is done with this batch: its slot (CPU) or device buffer (CUDA) is free."""
         event = None
-        if self._cuda:
+        if self._cuda and self.decoded is None:
             event = torch.cuda.Event()
             event.record()  # the step's kernels may still read the buffer
         wire.send(self._trainer_end, "credit", key=[batch.epoch, batch.seq],
@@ -120,7 +123,7 @@ class Feed:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self._cuda and self._buffers:
+        if self._cuda and self._buffers:  # only the ring path pinned it
             torch.cuda.cudart().cudaHostUnregister(self.ring.buffer.ctypes.data)
         if self._trainer_end is not None:
             self._trainer_end.close(linger=0)
@@ -218,6 +221,12 @@ class Feed:
         arrays = [np.array(a) for a in msg.arrays]  # own the data: frames are reused
         labels, indices = arrays[0], arrays[1]
         crops, flips, alphas = (arrays[2], arrays[3], arrays[4]) if split == "train" else (None, None, None)
+        if self.decoded is not None:
+            images = self.decoded.pop((msg["generation"], msg["epoch"], msg["seq"]))
+            # Nothing of this batch is in the ring: its slot is only a credit, free now.
+            wire.send(credits, "credit", generation=self.generation, slot=slot)
+            return Batch(msg["epoch"], msg["seq"], split, images, torch.from_numpy(labels), indices,
+                         crops, flips, alphas, msg.get("skipped", []), slot, -1)
         host = self.ring.view(slot, n)
         if self._cuda:
             index = self._free_buffers.pop()
@@ -240,6 +249,8 @@ class Feed:
 
     def _on_release(self, msg: wire.Message, credits) -> None:
         batch = self.handed.pop(tuple(msg["key"]))
+        if self.decoded is not None:
+            return  # its credit went back when it was handed on
         if self._cuda:
             self._buffer_events[batch.buffer] = self._events.pop(msg["event"], None)
             self._free_buffers.append(batch.buffer)

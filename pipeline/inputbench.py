@@ -18,7 +18,7 @@ import numpy as np
 from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.pipeline.ring import IMAGE
-from alexnetd.pipeline.launch import InputPipeline, spawn_context
+from alexnetd.pipeline.launch import InputPipeline, default_augmenters, spawn_context
 from alexnetd.pipeline.stage import STAGES, StageClock
 
 __all__ = ["bench_input", "decode_ceiling"]
@@ -86,13 +86,14 @@ def _stage_totals(pipe: InputPipeline, trainer: StageClock) -> dict:
 
 def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None, batch: int = 128,
                 augmenters: int | None = None, slots: int | None = None,
-                simulate_step_ms: float = 0.0, ceiling: bool = True, seed: int = 0) -> dict:
+                simulate_step_ms: float = 0.0, ceiling: bool = True, seed: int = 0, decoder: str = "cpu",
+                device: str = "cpu") -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer = StageClock()
     with InputPipeline(data, run_dir, batch=batch, augmenters=augmenters, slots=slots, seed=seed,
-                       val_every=0) as pipe:
-        n_augmenters = pipe.n_augmenters
+                       val_every=0, decoder=decoder, device=device) as pipe:
+        n_augmenters = pipe.n_augmenters or augmenters or default_augmenters()
         for _ in range(WARMUP_BATCHES):  # start-up (spawn, imports, first reads) is not throughput
             warm = pipe.feed.next_batch(timeout_ms=120_000)
             if warm is None:
@@ -128,6 +129,7 @@ def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None
         "batch_size": batch,
         "seconds": round(elapsed, 2),
         "augmenters": n_augmenters,
+        "decoder": decoder,
         "simulate_step_ms": simulate_step_ms,
         "stages": stages,
     }

@@ -62,18 +62,26 @@ class InputPipeline:
     def __init__(self, data, run_dir, batch: int = 128, augmenters: int | None = None,
                  slots: int | None = None, seed: int = 0, val_every: int = 1, start=(0, 0),
                  device: str = "cpu", rank: int = 0, world: int = 1, beats: bool = True,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, decoder: str = "cpu"):
         self.data, self.run_dir = str(data), Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dataset = open_dataset(self.data)
-        self.n_augmenters = augmenters or default_augmenters()
-        self.slots = slots or default_slots(self.n_augmenters)
+        threads = augmenters or default_augmenters()
+        # decoder="dali": no augmenter processes, DALI decodes in a thread of this process.
+        self.n_augmenters = 0 if decoder == "dali" else threads
+        self.slots = slots or default_slots(max(1, self.n_augmenters))
         self.plan = BatchPlan.for_dataset(self.dataset, batch, seed, val_every, rank, world)
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
         from alexnetd.pipeline.feed import Feed  # torch: only in the process that trains
 
-        self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device)
+        self.dali = None
+        if decoder == "dali":
+            from alexnetd.pipeline.dali import DaliAugmenter
+
+            self.dali = DaliAugmenter(self.endpoints.as_dict(), seed, batch, device, rank, max_pixels, threads)
+        self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device,
+                         decoded=self.dali.decoded if self.dali else None)
         self.generation = 0
         self.processes: dict[str, multiprocessing.Process] = {}
         self.max_pixels = max_pixels
@@ -88,6 +96,8 @@ class InputPipeline:
 
     def __enter__(self) -> "InputPipeline":
         self.feed.start()
+        if self.dali:
+            self.dali.start()
         self.start_input()
         return self
 
@@ -123,6 +133,8 @@ class InputPipeline:
 
     def close(self) -> None:
         self.stop_input()
+        if self.dali:
+            self.dali.close()
         self.feed.close()
         if self._beats is not None:
             self._beats.close(linger=0)

@@ -57,12 +57,19 @@ class InputTransform:
     def train(self, images: torch.Tensor, crops, flips, alphas) -> torch.Tensor:
         """(n,256,256,3) uint8 whole images and each sample's draws -> (n,3,224,224)
         float32: the crop at (top, left), mirrored where flipped, minus the mean image
-        cut the same way, plus the lighting shift."""
+        cut the same way, plus the lighting shift.
+
+        Images that arrive as (n,224,224,3) were already cut and mirrored by their
+        decoder (DALI's ROI decode, pipeline/dali.py): only the mean and the lighting
+        are left to do, with the same draws."""
         images = images.to(self.device, non_blocking=True)
         rows, cols = self._crop_index(self._to_device(crops).long(), self._to_device(flips).bool())
-        # One gather for the pixels and one for the mean, with the same indices.
-        batch = torch.arange(len(images), device=self.device)[:, None, None]
-        x = images[batch, rows, cols].float()               # (n,224,224,3)
+        if images.shape[1] == CROP:
+            x = images.float()
+        else:
+            # One gather for the pixels and one for the mean, with the same indices.
+            batch = torch.arange(len(images), device=self.device)[:, None, None]
+            x = images[batch, rows, cols].float()           # (n,224,224,3)
         x -= self.mean[rows, cols]
         if self.lighting:
             x += self.lighting_shift(self._to_device(alphas).float())[:, None, None, :]

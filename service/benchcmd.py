@@ -18,9 +18,14 @@ from alexnetd.pipeline.dataset import DatasetError, open_dataset
 @click.option("--augmenters", default=None, type=click.IntRange(min=1), help="Augmenter processes [default: fits the cores].")
 @click.option("--slots", default=None, type=click.IntRange(min=2), help="Batch slots in the ring [default: 2 per augmenter + 2].")
 @click.option("--simulate-step-ms", default=0.0, type=click.FloatRange(min=0), help="A trainer that takes X ms per batch without using the CPU.")
+@click.option("--decoder", type=click.Choice(["cpu", "dali"]), default="cpu", show_default=True,
+              help="cpu: augmenter processes; dali: NVIDIA DALI in this process.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where batches are handed over (cuda: pinned copies, or DALI's GPU decode).")
 @click.option("--no-ceiling", is_flag=True, help="Skip the bare-decode ceiling measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_input(data, seconds, batches, batch_size, augmenters, slots, simulate_step_ms, no_ceiling, as_json):
+def bench_input(data, seconds, batches, batch_size, augmenters, slots, simulate_step_ms, decoder, device, no_ceiling,
+                as_json):
     """Run loader + augmenters + hand-off with a trainer that discards batches; print images/s,
     per-stage busy/starved/blocked shares, and the bare-decode ceiling on the same files."""
     from alexnetd.pipeline.inputbench import bench_input as run
@@ -31,9 +36,15 @@ def bench_input(data, seconds, batches, batch_size, augmenters, slots, simulate_
             raise click.ClickException(f"{data}: fewer training images than one batch of {batch_size}")
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
+    if decoder == "dali":
+        from alexnetd.pipeline.dali import dali_missing
+
+        if dali_missing():
+            raise click.ClickException(dali_missing())
     with tempfile.TemporaryDirectory(prefix="alexnetd-bench-") as run_dir:
         result = run(data, run_dir, seconds=seconds, batches=batches, batch=batch_size, augmenters=augmenters,
-                     slots=slots, simulate_step_ms=simulate_step_ms, ceiling=not no_ceiling)
+                     slots=slots, simulate_step_ms=simulate_step_ms, ceiling=not no_ceiling, decoder=decoder,
+                     device=device)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -48,6 +48,7 @@ class Config:
     # -- the pipeline ------------------------------------------------------------------
     augmenters: int = 0              # 0: one per core (less one when there are many)
     slots: int = 0                   # 0: 2 per augmenter + 2
+    decoder: str = "cpu"             # cpu: augmenter processes | dali: DALI in the trainer (nvJPEG on CUDA)
     device: str = "auto"             # auto (CUDA when a device is visible, else cpu) | cpu | cuda
     gpus: int = 1                    # 1, or 2 as the paper's two GPUs
     parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP)
@@ -82,6 +83,7 @@ class Config:
             (self.slots == 0 or self.slots >= 2, "slots must be >= 2"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
+            (self.decoder in ("cpu", "dali"), "decoder must be 'cpu' or 'dali'"),
             (self.gpus in (1, 2), "gpus must be 1 or 2"),
             (self.parallel in ("model", "data"), "parallel must be 'model' or 'data'"),
             # Two CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.

@@ -46,6 +46,7 @@ def _options(func):
         click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep [3]."),
         click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
+        click.option("--decoder", type=click.Choice(["cpu", "dali"]), help="cpu: augmenter processes (libjpeg-turbo); dali: NVIDIA DALI in the trainer, nvJPEG on CUDA [cpu]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when a device is visible, else the CPU [auto]."),
         click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs (model) or two replicas (data; two CPU processes with --device cpu) [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
@@ -97,6 +98,12 @@ def preflight(config: Config, fresh: bool) -> None:
     from alexnetd.pipeline.dataset import DatasetError, open_dataset
     from alexnetd.pipeline.ring import IMAGE
 
+    if config.decoder == "dali":
+        from alexnetd.pipeline.dali import dali_missing
+
+        missing = dali_missing()
+        if missing:
+            raise click.ClickException(missing)
     try:
         dataset = open_dataset(config.data)
         n_train = len(dataset.split("train"))

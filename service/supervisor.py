@@ -75,8 +75,9 @@ class Supervisor:
         self.world = config.gpus if config.parallel == "data" else 1
         self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
                       for rank in range(self.world)]
-        self.n_augmenters = config.augmenters or default_augmenters()
-        self.slots = config.slots or default_slots(self.n_augmenters)
+        # --decoder dali: no augmenter processes; DALI decodes in each trainer process.
+        self.n_augmenters = 0 if config.decoder == "dali" else config.augmenters or default_augmenters()
+        self.slots = config.slots or default_slots(max(1, self.n_augmenters))
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.rank_endpoints = [self.endpoints] if self.world == 1 else [
             dataclasses.replace(Endpoints.in_dir(self._rank_dir(r)), beats=self.endpoints.beats) for r in range(self.world)]
@@ -136,7 +137,9 @@ class Supervisor:
                 except OSError as exc:
                     raise Halt(f"cannot create the batch ring in /dev/shm: {exc.strerror}; "
                                "use fewer --slots or a smaller --batch-size") from None
-            log.info("training on %s with %d augmenter(s) per rank", self.config.device, self.n_augmenters)
+            log.info("training on %s, %s", self.config.device,
+                     "decoding with DALI in the trainer" if self.config.decoder == "dali"
+                     else f"{self.n_augmenters} augmenter(s) per rank")
             self._spawn_trainers(resume=not self.fresh)
             for rank in range(self.world):
                 self._spawn_input(rank)
@@ -372,7 +375,9 @@ class Supervisor:
             if not isinstance(rank, int) or not 0 <= rank < self.world:
                 continue
             name = self._name(stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}", rank)
-            pid_owner = self._name("trainer", rank) if stage == "copier" else name
+            # The copier, and DALI's decoding thread (reported as the augmenter stage), live
+            # in the trainer process.
+            pid_owner = self._name("trainer", rank) if stage == "copier" or msg.get("in_trainer") else name
             proc = self.processes.get(pid_owner)
             if proc is None or proc.pid != msg.get("pid"):
                 continue  # a beat from a process already replaced
@@ -429,7 +434,9 @@ class Supervisor:
         trainer = self.beats.get(self._name("trainer", 0), {})
         stages = self._stage_rates()
         for stage in STAGES:
-            owner = "trainer" if stage == "copier" else stage  # the copier is a thread of each trainer
+            # The copier is a thread of each trainer; so is the DALI decoder (the augmenter stage).
+            in_trainer = stage == "copier" or (stage == "augmenter" and self.config.decoder == "dali")
+            owner = "trainer" if in_trainer else stage
             stages[stage]["processes"] = sum(1 for n, p in self.processes.items() if _stage_of(n) == owner and p.is_alive())
             stages[stage]["restarts"] = self.restarts[stage]
         # The bottleneck: the stage with the highest busy share.

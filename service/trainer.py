@@ -32,6 +32,7 @@ from alexnetd.model import (AlexNet, CheckpointError, PaperSGD, PlateauSchedule,
                             save_checkpoint, set_deterministic, set_lr)
 from alexnetd.pipeline.dataset import DatasetError, open_dataset
 from alexnetd.pipeline.feed import Feed
+from alexnetd.pipeline.launch import default_augmenters
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, Heartbeat, StageClock, StopFlag
@@ -117,7 +118,16 @@ class Trainer:
         self.loss: float | None = None
         if resume:
             self._resume()
-        self.feed = Feed(endpoints, ring, self.plan, self.position, self.device)
+        # The decoder seam: CPU augmenter processes fill the ring (default), or DALI
+        # decodes in a thread of this process and hands the feed device batches.
+        self.dali = None
+        if config.decoder == "dali":
+            from alexnetd.pipeline.dali import DaliAugmenter
+
+            self.dali = DaliAugmenter(endpoints, config.seed, config.batch_size, self.device, rank,
+                                      threads=max(1, config.augmenters or default_augmenters()))
+        self.feed = Feed(endpoints, ring, self.plan, self.position, self.device,
+                         decoded=self.dali.decoded if self.dali else None)
         self.clock = StageClock()
         self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
         self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
@@ -178,6 +188,8 @@ class Trainer:
 
     def run(self) -> int:
         self.feed.start()
+        if self.dali:
+            self.dali.start()
         self.history.write("event", event="trainer-start", step=self.step, epoch=self.position[0])
         last_checkpoint_time = time.monotonic()
         reason = "stopped"
@@ -200,6 +212,8 @@ class Trainer:
                 with self.clock.timing("starved"):
                     batch = self.feed.next_batch(WAIT_MS)
                 if batch is None:
+                    if self.dali and self.dali.error is not None:
+                        raise RuntimeError(f"the DALI decoder thread stopped: {self.dali.error!r}")
                     self._beat(self.phase)
                     continue
                 epoch, seq = batch.epoch, batch.seq
@@ -227,6 +241,8 @@ class Trainer:
             self._beat("stopping", force=True)
             return 0
         finally:
+            if self.dali:
+                self.dali.close()
             self.feed.close()
             self.history.close()
 

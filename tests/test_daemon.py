@@ -55,7 +55,7 @@ def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
             assert sample(text, "alexnetd_stage_busy_seconds_total", stage=stage) >= 0
         assert sample(text, "alexnetd_train_steps_total") >= 2
         from alexnetd import __version__
-        assert sample(text, "alexnetd_info", version=__version__, device=chosen) == 1
+        assert sample(text, "alexnetd_info", device=chosen, version=__version__) == 1  # labels sorted
         assert sample(text, "alexnetd_state", state="training") + sample(text, "alexnetd_state", state="validating") == 1
         augmenter_images = sample(text, "alexnetd_stage_images_total", stage="augmenter")
 
