@@ -94,3 +94,23 @@ def test_centre_crop_is_the_middle_224():
     images = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     got = make().eval(torch.from_numpy(images), crops=1).numpy()
     np.testing.assert_allclose(got.transpose(0, 2, 3, 1), (images - MEAN)[:, 16:240, 16:240], atol=1e-3)
+
+
+def test_patches_cut_by_the_decoder_get_only_the_mean_and_lighting():
+    """DALI hands over 224x224 patches already cut and mirrored: the transform must not cut
+    them again, only subtract the mean cut with the same draws and add the lighting."""
+    n = 3
+    images = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    crops = np.array([[3, 30], [32, 0], [17, 9]], np.int16)
+    flips = np.array([1, 0, 1], np.uint8)
+    alphas = rng.normal(0, 0.1, (n, 3)).astype(np.float32)
+    patches = np.stack([crop_of(images[i], *crops[i], flips[i]) for i in range(n)])
+    t = make()
+    cut_here = t.train(torch.from_numpy(images), crops, flips, alphas)
+    cut_before = t.train(torch.from_numpy(np.ascontiguousarray(patches)), crops, flips, alphas)
+    assert torch.equal(cut_here, cut_before)
+
+
+def crop_of(image, top, left, flipped):
+    patch = image[top:top + 224, left:left + 224]
+    return patch[:, ::-1] if flipped else patch
