@@ -310,7 +310,9 @@ def test_bottleneck_names_one_stage(prometheus):
     assert len(result) == 1 and result[0]["metric"]["stage"] in STAGES
 
 
-def test_state_panel_shows_one_state(prometheus):
-    (expr,) = [e for t, _, e, _ in QUERIES if t == "State"]
-    result = prometheus.query(substitute(expr, prometheus.target))["result"]
+def test_state_panel_shows_one_state_and_the_device(prometheus):
+    state, device = [e for t, _, e, _ in QUERIES if t == "State"]
+    result = prometheus.query(substitute(state, prometheus.target))["result"]
     assert [r["metric"]["state"] in STATES for r in result] == [True]
+    result = prometheus.query(substitute(device, prometheus.target))["result"]
+    assert [r["metric"]["device"] for r in result] == ["cpu"]  # this suite's daemon trains on the CPU
