@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import urllib.request
 
@@ -21,12 +22,20 @@ def scrape(port) -> str:
 
 
 def sample(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    key = f"{name}{{{want}}}" if want else name
+    """The value of `name` with these labels, summed over the labels not given (the
+    per-stage series also carry a `rank`)."""
+    found = []
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{key} not exported")
+        series, _, value = line.rpartition(" ")
+        metric, _, rest = series.partition("{")
+        if metric != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            found.append(float(value))
+    if not found:
+        raise AssertionError(f"{name}{labels} not exported")
+    return sum(found)
 
 
 def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
