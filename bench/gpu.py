@@ -101,6 +101,10 @@ def set_up_from_wheels(wheels: Path) -> None:
     why = imports_cleanly()
     if why is not None:
         sys.exit(f"bench/gpu.py: installed from {wheels}, but alexnetd still does not import: {why}")
+    # An editable install is found through a .pth file read at interpreter start: start
+    # again (the environment, with the library path, carries over; the install is done).
+    log("installed; starting again")
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 # -- the training step ------------------------------------------------------------------
@@ -518,7 +522,7 @@ def markdown(report: dict) -> str:
         if row.get("compile_seconds") is not None:
             notes = f"compiled in {row['compile_seconds']} s"
         lines.append(f"| {row['label']} | {row['status']} | {num('ms_per_step', '{:.2f}')} | "
-                     f"{num('images_per_second', '{:.0f}')} | {num('ratio_to_synthetic', '{:.2f}')} | "
+                     f"{num('images_per_second', '{:.0f}' if (row.get('images_per_second') or 0) >= 100 else '{:.1f}')} | {num('ratio_to_synthetic', '{:.2f}')} | "
                      f"{num('share_of_bf16_peak', '{:.1%}')} | {notes} |")
     lines.append("")
     for target in report["targets"]:
