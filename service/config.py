@@ -46,7 +46,7 @@ class Config:
     max_steps: int = 0               # stop after this many steps (0: no limit)
     skip_budget: float = 0.01        # stop when more than this share of samples fails to decode
     # -- the pipeline ------------------------------------------------------------------
-    augmenters: int = 0              # 0: one per core (less one when there are many)
+    augmenters: int = 0              # per rank; 0: one per core (less one when there are many), shared by the ranks
     slots: int = 0                   # 0: 2 per augmenter + 2
     device: str = "cpu"              # cpu | cuda
     gpus: int = 1                    # devices; 2 as the paper's two GPUs, N >= 2 ranks with parallel data

@@ -393,9 +393,6 @@ class Supervisor:
                 totals[_rank_of(name)][_stage_of(name)][key] += beat["counters"][key]
         return totals
 
-    def _totals(self) -> dict:
-        return _sum_ranks(self._rank_totals())
-
     def _sample_rates(self) -> None:
         now = time.monotonic()
         if self.rates and now - self.rates[-1][0] < 1.0:

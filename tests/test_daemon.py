@@ -124,7 +124,7 @@ def test_resumed_run_reaches_the_same_weights(prepared_data, tmp_path):
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--batch-size", "100000"], "fewer than one batch"),
     (["--metrics-addr", "nonsense"], "HOST:PORT"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--gpus", "3"], "CUDA device" if not torch.cuda.is_available() else "invalid choice"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--gpus", "3"], "CUDA device" if not torch.cuda.is_available() else "needs parallel data"),
     (["--config", "/nonexistent.toml"], "no such config file"),
 ])
 def test_start_refuses_bad_input_with_one_line(prepared_data, tmp_path, args, words):
