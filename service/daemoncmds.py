@@ -64,7 +64,7 @@ def _options(func):
         click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[cpu]"),
-        click.option("--gpus", type=GPUS, help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
+        click.option("--gpus", type=GPUS, metavar="N|all", help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With several GPUs: the paper's two towers (model, exactly 2) or DDP ranks (data, any N)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
         click.option("--seed", type=int, help="[0]"),
