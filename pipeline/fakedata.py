@@ -313,9 +313,11 @@ def _write_prepared(out: Path, specs: list[ClassSpec], params: dict, force: bool
 
 
 def _write_raw(out: Path, specs: list[ClassSpec], params: dict, force: bool, bar) -> None:
-    from turbojpeg import TJPF_RGB, TJSAMP_420, TurboJPEG
+    from turbojpeg import TJPF_RGB, TJSAMP_420
 
-    turbo = TurboJPEG()
+    from alexnetd.pipeline.jpeg import open_turbojpeg
+
+    turbo = open_turbojpeg()
     seed, quality, classes = params["seed"], params["quality"], len(specs)
     names = [wnid(c) for c in range(classes)]
     remove_stale_temp_dirs(out)

@@ -13,13 +13,14 @@ caller counts it and carries on. Nothing here ever kills a stage.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
 from PIL import Image
 from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_FASTUPSAMPLE, TJPF_RGB, TurboJPEG
 
-__all__ = ["Decoder", "SkipSample", "REASONS", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Decoder", "SkipSample", "REASONS", "DEFAULT_MAX_PIXELS", "TURBOJPEG_LIB_ENV", "open_turbojpeg"]
 
 REASONS = ("truncated", "undecodable", "too_large", "unsupported")
 
@@ -47,6 +48,17 @@ class SkipSample(Exception):
         self.detail = detail
 
 
+# The TurboJPEG library to load, where the system's loader would not find it (a host
+# without libturbojpeg installed: bench/gpu.py --wheels points here at the copy it ships).
+TURBOJPEG_LIB_ENV = "ALEXNETD_TURBOJPEG_LIB"
+
+
+def open_turbojpeg() -> TurboJPEG:
+    """The one place a TurboJPEG handle is made: the library from $ALEXNETD_TURBOJPEG_LIB,
+    else wherever PyTurboJPEG finds it."""
+    return TurboJPEG(lib_path=os.environ.get(TURBOJPEG_LIB_ENV) or None)
+
+
 class Decoder:
     """One per process: holds the TurboJPEG handle (its library load is not free).
 
@@ -55,7 +67,7 @@ class Decoder:
     """
 
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool = False):
-        self.turbo = TurboJPEG()
+        self.turbo = open_turbojpeg()
         self.max_pixels = max_pixels
         self.flags = (TJFLAG_FASTDCT | TJFLAG_FASTUPSAMPLE) if fast else 0
         # (num, denom) pairs, largest scale first: 1/1, 7/8, ... 1/8.

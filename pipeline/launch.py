@@ -40,10 +40,12 @@ def default_slots(augmenters: int) -> int:
     return max(3, 2 * augmenters + 2)
 
 
-def default_augmenters() -> int:
-    """One augmenter per core, less one for the loader and trainer when there are many."""
+def default_augmenters(ranks: int = 1) -> int:
+    """One augmenter per core, less one for the loader and trainer when there are many;
+    with several data-parallel ranks, each rank's input side gets its share of the cores."""
     cores = len(os.sched_getaffinity(0))
-    return max(1, cores - 1) if cores > 2 else cores
+    total = max(1, cores - 1) if cores > 2 else cores
+    return max(1, total // ranks)
 
 
 def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, augmenters: int,

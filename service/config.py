@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_addr", "resolve_device"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_addr", "resolve_device", "world_size"]
 
 
 class ConfigError(ValueError):
@@ -46,12 +46,12 @@ class Config:
     max_steps: int = 0               # stop after this many steps (0: no limit)
     skip_budget: float = 0.01        # stop when more than this share of samples fails to decode
     # -- the pipeline ------------------------------------------------------------------
-    augmenters: int = 0              # 0: one per core (less one when there are many)
+    augmenters: int = 0              # per rank; 0: one per core (less one when there are many), shared by the ranks
     slots: int = 0                   # 0: 2 per augmenter + 2
     decoder: str = "cpu"             # cpu: augmenter processes | dali: DALI in the trainer (nvJPEG on CUDA)
     device: str = "auto"             # auto (CUDA when a device is visible, else cpu) | cpu | cuda
-    gpus: int = 1                    # 1, or 2 as the paper's two GPUs
-    parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP)
+    gpus: int = 1                    # devices; 2 as the paper's two GPUs, N >= 2 ranks with parallel data
+    parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP, any N)
     bf16: bool = True                # CUDA only: bf16 autocast (fp32 when off)
     # float64 is for exactness checks, not training: it makes the differences that
     # summation order alone causes (one process against all-reduced ranks, one CPU
@@ -84,9 +84,12 @@ class Config:
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
             (self.decoder in ("cpu", "dali"), "decoder must be 'cpu' or 'dali'"),
-            (self.gpus in (1, 2), "gpus must be 1 or 2"),
+            (self.gpus >= 1, "gpus must be >= 1"),
             (self.parallel in ("model", "data"), "parallel must be 'model' or 'data'"),
-            # Two CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.
+            # The paper split the network into exactly two towers; more devices mean more ranks.
+            (self.gpus in (1, 2) or self.parallel == "data",
+             f"gpus {self.gpus} needs parallel data: parallel model is the paper's two towers, on exactly 2 GPUs"),
+            # N CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.
             (self.gpus == 1 or self.device == "cuda" or self.parallel == "data",
              "gpus 2 with parallel model needs device cuda"),
             (self.log_every >= 1, "log_every must be >= 1"),
@@ -103,6 +106,11 @@ class Config:
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def world_size(config: Config) -> int:
+    """Data-parallel ranks: one per device with parallel data, else one process."""
+    return config.gpus if config.parallel == "data" else 1
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

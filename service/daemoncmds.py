@@ -9,6 +9,7 @@ pid file, output to RUN_DIR/alexnetd.log) and waits until training moves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,13 +21,29 @@ from pathlib import Path
 
 import click
 
-from alexnetd.service.config import Config, ConfigError, load_config, parse_addr, resolve_device
+from alexnetd.service.config import Config, ConfigError, load_config, parse_addr, resolve_device, world_size
 from alexnetd.service.control import NotRunning, PidFile, request
 from alexnetd.service.paths import default_run_dir
 
 READY_TIMEOUT = 600.0
 
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 2
+
+
+class _Gpus(click.ParamType):
+    """--gpus: a positive count, or "all" (every CUDA device of the machine, counted at start)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "all":
+            return value
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a positive number of GPUs or 'all'", param, ctx)
+
+
+GPUS = _Gpus()
 
 
 def _options(func):
@@ -48,8 +65,8 @@ def _options(func):
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
         click.option("--decoder", type=click.Choice(["cpu", "dali"]), help="cpu: augmenter processes (libjpeg-turbo); dali: NVIDIA DALI in the trainer, nvJPEG on CUDA [cpu]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when a device is visible, else the CPU [auto]."),
-        click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs (model) or two replicas (data; two CPU processes with --device cpu) [1]."),
-        click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
+        click.option("--gpus", type=GPUS, metavar="N|all", help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
+        click.option("--parallel", type=click.Choice(["model", "data"]), help="With several GPUs: the paper's two towers (model, exactly 2) or DDP ranks (data, any N)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
         click.option("--seed", type=int, help="[0]"),
         click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels, for exact reruns."),
@@ -70,12 +87,16 @@ def _run_dir_option(func):
 
 def resolve_config(data, run_dir, config_file, **flags) -> Config:
     """Defaults <- --config <- flags, with paths made absolute. ConfigError on mistakes."""
-    for key in ("val_crops", "gpus"):
-        if flags.get(key) is not None:
-            flags[key] = int(flags[key])
+    if flags.get("val_crops") is not None:
+        flags["val_crops"] = int(flags["val_crops"])
+    every_gpu = flags.get("gpus") == "all"
+    if every_gpu:
+        flags["gpus"] = None  # counted below, once the device is known
     run_dir = Path(run_dir).expanduser() if run_dir else default_run_dir()
     config = load_config(config_file, data=str(Path(data).expanduser().resolve()), run_dir=str(run_dir.resolve()),
                          **flags)
+    if every_gpu:
+        config = dataclasses.replace(config, gpus=_count_gpus(resolve_device(config).device))
     return config
 
 
@@ -91,6 +112,20 @@ def describe_device(config: Config, asked: str) -> str:
         return where + ("  (auto: a CUDA device is visible)" if config.device == "cuda"
                         else "  (auto: no CUDA device visible; --device cuda to insist)")
     return where
+
+
+def _count_gpus(device: str) -> int:
+    """What --gpus all means: every CUDA device. On the CPU there is nothing to count,
+    and guessing a number of replicas would hide a mistake: say so instead."""
+    if device != "cuda":
+        raise ConfigError("--gpus all counts CUDA devices and needs --device cuda; "
+                          "on the CPU give the number of replicas (--gpus N)")
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("--gpus all: this machine has no CUDA device")
+    return count
 
 
 def preflight(config: Config, fresh: bool) -> None:
@@ -109,7 +144,7 @@ def preflight(config: Config, fresh: bool) -> None:
         n_train = len(dataset.split("train"))
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
-    world = config.gpus if config.parallel == "data" else 1
+    world = world_size(config)
     if n_train < config.batch_size * world:
         raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of "
                                    f"{config.batch_size}" + (f" for each of {world} ranks" if world > 1 else ""))
@@ -141,8 +176,8 @@ def preflight(config: Config, fresh: bool) -> None:
                                        f"{torch.cuda.device_count()} CUDA device(s)")
     from alexnetd.pipeline.launch import default_augmenters, default_slots
 
-    slots = config.slots or default_slots(config.augmenters or default_augmenters())
-    need = slots * config.batch_size * IMAGE * IMAGE * 3
+    slots = config.slots or default_slots(config.augmenters or default_augmenters(world))
+    need = world * slots * config.batch_size * IMAGE * IMAGE * 3  # one ring per rank
     free = shutil.disk_usage("/dev/shm").free
     if need > free:
         raise click.ClickException(f"the batch ring needs {need / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "

@@ -48,6 +48,8 @@ EXPORTED_METRICS = (
 class DaemonCollector(Collector):
     """`snapshot()` returns the supervisor's metrics view:
     {"stages": {stage: {"images", "busy", "starved", "blocked", "processes", "restarts"}},
+     "ranks": [{"stages": {stage: {"images", "busy", "starved", "blocked", "processes"}},
+                "ring_slots_in_use", "reorder"}, ...] (one per data-parallel rank, in rank order),
      "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
      "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda"}"""
@@ -57,23 +59,35 @@ class DaemonCollector(Collector):
 
     def collect(self):
         s = self.snapshot()
-        per_stage = [
+        # Every rank has its own input side and trainer: these carry a `rank` label
+        # (sum by stage for the whole daemon, by rank to find the slow one).
+        per_rank_stage = [
             ("alexnetd_stage_images", "Images a stage has finished.", "images", CounterMetricFamily),
             ("alexnetd_stage_busy_seconds", "Seconds a stage spent on its own work.", "busy", CounterMetricFamily),
             ("alexnetd_stage_starved_seconds", "Seconds a stage waited for input or a free slot.", "starved", CounterMetricFamily),
             ("alexnetd_stage_blocked_seconds", "Seconds a stage waited to hand its output on.", "blocked", CounterMetricFamily),
             ("alexnetd_stage_processes", "Processes (or threads) of a stage that are up.", "processes", GaugeMetricFamily),
-            ("alexnetd_stage_restarts", "Restarts of a stage's processes.", "restarts", CounterMetricFamily),
         ]
-        for name, doc, key, family in per_stage:
-            metric = family(name, doc, labels=["stage"])
-            for stage in STAGES:
-                metric.add_metric([stage], float(s["stages"][stage][key]))
+        for name, doc, key, family in per_rank_stage:
+            metric = family(name, doc, labels=["stage", "rank"])
+            for rank, view in enumerate(s["ranks"]):
+                for stage in STAGES:
+                    metric.add_metric([stage, str(rank)], float(view["stages"][stage][key]))
             yield metric
+        # The supervisor restarts a stage's processes (a trainer: every rank's at once).
+        restarts = CounterMetricFamily("alexnetd_stage_restarts", "Restarts of a stage's processes.", labels=["stage"])
+        for stage in STAGES:
+            restarts.add_metric([stage], float(s["stages"][stage]["restarts"]))
+        yield restarts
 
-        yield _gauge("alexnetd_ring_slots", "Batch slots in the shared-memory ring.", s["ring_slots"])
-        yield _gauge("alexnetd_ring_slots_in_use", "Slots holding a batch being built or trained on.", s["ring_slots_in_use"])
-        yield _gauge("alexnetd_reorder_buffer_batches", "Batches waiting for their turn at the trainer.", s["reorder"])
+        yield _gauge("alexnetd_ring_slots", "Batch slots in the shared-memory ring (of each rank).", s["ring_slots"])
+        in_use = GaugeMetricFamily("alexnetd_ring_slots_in_use", "Slots holding a batch being built or trained on.", labels=["rank"])
+        reorder = GaugeMetricFamily("alexnetd_reorder_buffer_batches", "Batches waiting for their turn at the trainer.", labels=["rank"])
+        for rank, view in enumerate(s["ranks"]):
+            in_use.add_metric([str(rank)], float(view["ring_slots_in_use"]))
+            reorder.add_metric([str(rank)], float(view["reorder"]))
+        yield in_use
+        yield reorder
         yield CounterMetricFamily("alexnetd_train_images", "Images trained on.", value=s["train_images"])
         yield CounterMetricFamily("alexnetd_train_steps", "SGD steps taken.", value=s["steps"])
         yield _gauge("alexnetd_train_epoch", "Current epoch (0-based).", s["epoch"])

@@ -38,6 +38,20 @@ def render_status(s: dict) -> str:
         mark = "  <- bottleneck" if stage == s.get("bottleneck") else ""
         lines.append(f"  {stage:<10} {row['processes']:>5} {row['images_per_second']:>9.1f} {row['busy']:>6.0%} "
                      f"{row['starved']:>8.0%} {row['blocked']:>8.0%} {row['restarts']:>9}{mark}")
+    ranks = s.get("ranks") or []
+    if len(ranks) > 1:
+        # Data-parallel ranks step together; the slow one makes the others wait for it.
+        stages = list(s["stages"])
+        lines.append("")
+        lines.append("  ranks       busy share of each stage; starved: the trainer waiting for its own input")
+        lines.append(f"  {'rank':<6} {'step':>6} {'images/s':>9} " + " ".join(f"{st:>9}" for st in stages)
+                     + f" {'starved':>8} {'slots':>6} {'reorder':>7}")
+        for r in ranks:
+            mark = "  <- slowest" if r["rank"] == s.get("slowest_rank") else ""
+            busy = " ".join(f"{r['stages'][st]['busy']:>9.0%}" for st in stages)
+            lines.append(f"  {r['rank']:<6} {r['step']:>6} {r['images_per_second']:>9.1f} {busy} "
+                         f"{r['stages']['trainer']['starved']:>8.0%} {r['ring_slots_in_use']:>6} "
+                         f"{r['reorder_buffer']:>7}{mark}")
     q = s["queues"]
     lines.append("")
     lines.append(f"  queues      ring {q['ring_slots_in_use']}/{q['ring_slots']} slots in use, "

@@ -41,7 +41,7 @@ from alexnetd.pipeline.launch import default_augmenters, default_slots, input_st
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints
-from alexnetd.service.config import Config, parse_addr, resolve_device
+from alexnetd.service.config import Config, parse_addr, resolve_device, world_size
 from alexnetd.service.control import PidFile, control_endpoint
 from alexnetd.service.history import History
 from alexnetd.service.metrics import DaemonCollector
@@ -72,11 +72,11 @@ class Supervisor:
         dataset = open_dataset(config.data)
         # Data parallel: one trainer per device, each with its own input side (ring,
         # sockets, loader, augmenters) reading every world-th batch.
-        self.world = config.gpus if config.parallel == "data" else 1
+        self.world = world_size(config)
         self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
                       for rank in range(self.world)]
         # --decoder dali: no augmenter processes; DALI decodes in each trainer process.
-        self.n_augmenters = 0 if config.decoder == "dali" else config.augmenters or default_augmenters()
+        self.n_augmenters = 0 if config.decoder == "dali" else config.augmenters or default_augmenters(self.world)  # per rank
         self.slots = config.slots or default_slots(max(1, self.n_augmenters))
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.rank_endpoints = [self.endpoints] if self.world == 1 else [
@@ -87,7 +87,8 @@ class Supervisor:
         self.booted: set[str] = set()           # names that have sent a beat since their start
         self.last_beat: dict[str, float] = {}   # name -> monotonic time of its last beat
         self.beats: dict[str, dict] = {}        # name -> its latest beat
-        self.retired = {s: dict.fromkeys(COUNTER_KEYS, 0.0) for s in STAGES}  # totals of dead processes
+        # Totals of dead processes, per rank and stage.
+        self.retired = [{s: dict.fromkeys(COUNTER_KEYS, 0.0) for s in STAGES} for _ in range(self.world)]
         self.restarts = dict.fromkeys(STAGES, 0)
         self.restart_times: dict[str, deque] = {s: deque() for s in STAGES}
         self.last_restart = 0.0
@@ -97,7 +98,7 @@ class Supervisor:
         self.stopping_since: float | None = None
         self.signals: list[int] = []
         self.stop_now = False
-        self.rates = deque()                    # (monotonic, {stage: images}, train images)
+        self.rates = deque()                    # (monotonic, [{stage: counters}] per rank, step)
         self.history = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -275,16 +276,16 @@ class Supervisor:
         beat = self.beats.pop(name, None)
         if beat is None:
             return
-        stage = _stage_of(name)
+        stage, retired = _stage_of(name), self.retired[_rank_of(name)]
         for key in COUNTER_KEYS:
-            self.retired[stage][key] += beat["counters"][key]
+            retired[stage][key] += beat["counters"][key]
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
             copier = self.beats.pop(name.replace("trainer", "copier"), None)
             if copier is not None:
                 for key in COUNTER_KEYS:
-                    self.retired["copier"][key] += copier["counters"][key]
+                    retired["copier"][key] += copier["counters"][key]
 
     def _trainer_names(self) -> list[str]:
         return [n for n in self.processes if _stage_of(n) == "trainer"]
@@ -391,11 +392,12 @@ class Supervisor:
                 if msg.get("state") in ("training", "validating") and (moving or self.state != "starting"):
                     self.state = msg["state"]
 
-    def _totals(self) -> dict:
-        totals = {s: dict(self.retired[s]) for s in STAGES}
+    def _rank_totals(self) -> list[dict]:
+        """Per rank, per stage: cumulative counters (dead processes' included)."""
+        totals = [{s: dict(retired[s]) for s in STAGES} for retired in self.retired]
         for name, beat in self.beats.items():
             for key in COUNTER_KEYS:
-                totals[_stage_of(name)][key] += beat["counters"][key]
+                totals[_rank_of(name)][_stage_of(name)][key] += beat["counters"][key]
         return totals
 
     def _sample_rates(self) -> None:
@@ -403,15 +405,17 @@ class Supervisor:
         if self.rates and now - self.rates[-1][0] < 1.0:
             return
         trainer = self.beats.get(self._name("trainer", 0), {})
-        self.rates.append((now, self._totals(), trainer.get("step", 0)))
+        self.rates.append((now, self._rank_totals(), trainer.get("step", 0)))
         while len(self.rates) > 2 and now - self.rates[0][0] > RATE_WINDOW:
             self.rates.popleft()
 
-    def _stage_rates(self) -> dict:
-        """Per stage: images/s and busy/starved/blocked shares over the last few seconds."""
+    def _stage_rates(self, rank: int | None = None) -> dict:
+        """Per stage: images/s and busy/starved/blocked shares over the last few seconds,
+        of one rank or (rank None) of all of them together."""
         if len(self.rates) < 2:
             return {s: {"images_per_second": 0.0, "busy": 0.0, "starved": 0.0, "blocked": 0.0} for s in STAGES}
         (t0, a, _), (t1, b, _) = self.rates[0], self.rates[-1]
+        a, b = (_sum_ranks(x) if rank is None else x[rank] for x in (a, b))
         out = {}
         for stage in STAGES:
             delta = {k: max(0.0, b[stage][k] - a[stage][k]) for k in COUNTER_KEYS}
@@ -452,6 +456,7 @@ class Supervisor:
             if trainer.get("max_steps"):
                 remaining = min(remaining, trainer["max_steps"] - trainer.get("step", 0))
             eta = round(max(0, remaining) / rate_steps, 1)
+        ranks = self._ranks()
         checkpoint = trainer.get("checkpoint")
         skipped = dict(self.skipped_retired)
         for reason, count in (trainer.get("skipped") or {}).items():
@@ -485,9 +490,27 @@ class Supervisor:
             "metrics_url": f"http://{self.config.metrics_addr}/metrics",
             "generation": max(self.generations),
             "world_size": self.world,
+            "ranks": ranks,
+            "slowest_rank": _slowest(ranks),
             "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
             "halt_reason": self.halt_reason,
         }
+
+    def _ranks(self) -> list[dict]:
+        """Each rank's own view: its stages' rates and shares, its ring and reorder buffer."""
+        out = []
+        for rank in range(self.world):
+            beat = self.beats.get(self._name("trainer", rank), {})
+            stages = self._stage_rates(rank)
+            for stage in STAGES:
+                in_trainer = stage == "copier" or (stage == "augmenter" and self.config.decoder == "dali")
+                owner = "trainer" if in_trainer else stage
+                stages[stage]["processes"] = sum(1 for n, p in self.processes.items()
+                                                 if _stage_of(n) == owner and _rank_of(n) == rank and p.is_alive())
+            out.append({"rank": rank, "step": beat.get("step", 0),
+                        "images_per_second": stages["trainer"]["images_per_second"], "stages": stages,
+                        "ring_slots_in_use": beat.get("slots_in_use", 0), "reorder_buffer": beat.get("reorder", 0)})
+        return out
 
     def _step_rate(self) -> float:
         if len(self.rates) < 2:
@@ -497,17 +520,25 @@ class Supervisor:
 
     def metrics_snapshot(self) -> dict:
         trainer = self.beats.get(self._name("trainer", 0), {})
-        totals = self._totals()
+        rank_totals = self._rank_totals()
+        totals = _sum_ranks(rank_totals)
         status = self.status()
         stages = {s: dict(totals[s], processes=status["stages"][s]["processes"], restarts=self.restarts[s])
                   for s in STAGES}
+        ranks = [{"stages": {s: dict(rank_totals[r["rank"]][s], processes=r["stages"][s]["processes"])
+                             for s in STAGES},
+                  "ring_slots_in_use": r["ring_slots_in_use"], "reorder": r["reorder_buffer"]}
+                 for r in status["ranks"]]
+        memory = {}
+        for rank in range(self.world):  # each rank reports the devices it uses
+            memory.update(self.beats.get(self._name("trainer", rank), {}).get("memory") or {})
         return {
-            "stages": stages, "ring_slots": self.slots,
+            "stages": stages, "ranks": ranks, "ring_slots": self.slots,
             "ring_slots_in_use": status["queues"]["ring_slots_in_use"], "reorder": status["queues"]["reorder_buffer"],
             "train_images": totals["trainer"]["images"], "steps": trainer.get("step", 0),
             "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
-            "memory": trainer.get("memory"), "state": status["state"], "device": self.config.device,
+            "memory": memory or None, "state": status["state"], "device": self.config.device,
         }
 
     def _stage_history_line(self) -> None:
@@ -544,6 +575,22 @@ class Supervisor:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def _sum_ranks(rank_totals: list[dict]) -> dict:
+    """{stage: counters} of all ranks together."""
+    return {s: {k: sum(r[s][k] for r in rank_totals) for k in COUNTER_KEYS} for s in STAGES}
+
+
+def _slowest(ranks: list[dict]) -> int | None:
+    """The rank that holds the group back. Data-parallel ranks step together (every step
+    all-reduces the gradients), so their images/s are equal; the slow one is the rank
+    whose trainer waits longest for its own input while the others wait for it inside
+    the all-reduce (which counts as their busy time). Ties: the lower images/s. None
+    with a single rank: there is nothing to compare."""
+    if len(ranks) < 2:
+        return None
+    return max(ranks, key=lambda r: (r["stages"]["trainer"]["starved"], -r["images_per_second"]))["rank"]
 
 
 def _stage_of(name: str) -> str:

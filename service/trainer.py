@@ -125,7 +125,7 @@ class Trainer:
             from alexnetd.pipeline.dali import DaliAugmenter
 
             self.dali = DaliAugmenter(endpoints, config.seed, config.batch_size, self.device, rank,
-                                      threads=max(1, config.augmenters or default_augmenters()))
+                                      threads=max(1, config.augmenters or default_augmenters(world)))
         self.feed = Feed(endpoints, ring, self.plan, self.position, self.device,
                          decoded=self.dali.decoded if self.dali else None)
         self.clock = StageClock()
@@ -325,10 +325,15 @@ class Trainer:
                 f"{self.config.skip_budget:.1%}: check the dataset")
 
     def _memory(self) -> dict:
+        """Memory of the devices this rank uses, keyed so that the ranks' reports merge."""
         if self.device.type == "cuda":
-            return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
+            # Only this process's devices (one per rank; both towers' with parallel model):
+            # asking about another device would create a CUDA context on it.
+            devices = sorted({p.device for p in self.model.parameters()}, key=str)
+            return {str(d): torch.cuda.memory_allocated(d) for d in devices}
         with open("/proc/self/statm") as fh:
-            return {"cpu": int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+            resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"cpu" if self.world == 1 else f"cpu:{self.rank}": resident}
 
     def _beat(self, state: str, force: bool = False) -> None:
         if not (force or self.beat.due()):

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import urllib.request
 
@@ -21,12 +22,20 @@ def scrape(port) -> str:
 
 
 def sample(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    key = f"{name}{{{want}}}" if want else name
+    """The value of `name` with these labels, summed over the labels not given (the
+    per-stage series also carry a `rank`)."""
+    found = []
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{key} not exported")
+        series, _, value = line.rpartition(" ")
+        metric, _, rest = series.partition("{")
+        if metric != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            found.append(float(value))
+    if not found:
+        raise AssertionError(f"{name}{labels} not exported")
+    return sum(found)
 
 
 def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
@@ -123,7 +132,7 @@ def test_resumed_run_reaches_the_same_weights(prepared_data, tmp_path):
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--batch-size", "100000"], "fewer than one batch"),
     (["--metrics-addr", "nonsense"], "HOST:PORT"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--gpus", "3"], "CUDA device" if not torch.cuda.is_available() else "invalid choice"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--gpus", "3"], "CUDA device" if not torch.cuda.is_available() else "needs parallel data"),
     (["--config", "/nonexistent.toml"], "no such config file"),
 ])
 def test_start_refuses_bad_input_with_one_line(prepared_data, tmp_path, args, words):
@@ -196,7 +205,7 @@ def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tm
     all-reduce) moves weights by lr·|g| >= 1e-6, three orders above the tolerance."""
     config = tmp_path / "exact.toml"
     config.write_text('dropout = 0.0\ndtype = "float64"\n')
-    common = ["--config", config, "--deterministic", "--max-steps", 3, "--augmenters", 1, "--seed", 4]
+    common = ["--config", config, "--deterministic", "--max-steps", 3, "--augmenters", 1, "--seed", 4, "--device", "cpu"]
     single, pair = tmp_path / "single", tmp_path / "pair"
     cli(*start_args(prepared_data, single, free_port(), *common), "--batch-size", 16, check=True)
     cli(*start_args(prepared_data, pair, free_port(), *common), "--gpus", 2, "--parallel", "data", check=True)

@@ -138,6 +138,16 @@ def test_dashboard_shows_every_exported_metric():
     assert set(EXPORTED_METRICS) - shown == set()
 
 
+def test_rank_panels_split_by_rank():
+    """The data-parallel row: every query keeps the rank label, so each rank is its own
+    series (and the slowest one can be named)."""
+    titles = {"Slowest rank", "Images/s by rank", "Trainer starved share by rank", "Busy share by rank and stage (now)"}
+    found = {t: e for t, _, e, _ in QUERIES if t in titles}
+    assert set(found) == titles
+    for title, expr in found.items():
+        assert all("by (rank" in part for part in expr.split("sum")[1:]), title
+
+
 def test_queries_use_only_known_variables():
     for _, _, expr, _ in QUERIES:
         assert "$" not in substitute(expr, "127.0.0.1:1")
@@ -159,12 +169,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RANKS = 2  # the daemon below trains as two data-parallel CPU replicas, so rank panels compare two
+
+
 @pytest.fixture(scope="module")
 def daemon_metrics_url(prepared_data, tmp_path_factory):
     """"127.0.0.1:PORT" of a real daemon training on fake shards, once it has taken
     steps, validated and written a checkpoint, so every panel has something to show."""
     run_dir, port = tmp_path_factory.mktemp("dashboard") / "run", free_port()
-    cli(*start_args(prepared_data, run_dir, port, "--checkpoint-every", 0.05), check=True)
+    cli(*start_args(prepared_data, run_dir, port, "--checkpoint-every", 0.05, "--gpus", RANKS,
+                    "--parallel", "data", "--augmenters", 1, "--device", "cpu"), check=True)
     try:
         wait_for(lambda: (s := status(run_dir)) and s["validation"] and s["checkpoint"], timeout=300,
                  what="a validation and a checkpoint")
@@ -308,6 +322,23 @@ def test_bottleneck_names_one_stage(prometheus):
     (expr,) = [e for t, _, e, _ in QUERIES if t == "Bottleneck"]
     result = prometheus.query(substitute(expr, prometheus.target))["result"]
     assert len(result) == 1 and result[0]["metric"]["stage"] in STAGES
+
+
+def test_slowest_rank_names_one_rank(prometheus):
+    (expr,) = [e for t, _, e, _ in QUERIES if t == "Slowest rank"]
+    result = prometheus.query(substitute(expr, prometheus.target))["result"]
+    assert len(result) == 1 and result[0]["metric"]["rank"] in {str(r) for r in range(RANKS)}
+
+
+def test_rank_panels_show_every_rank(prometheus):
+    for title in ("Images/s by rank", "Trainer starved share by rank"):
+        (expr,) = [e for t, _, e, _ in QUERIES if t == title]
+        result = prometheus.query(substitute(expr, prometheus.target))["result"]
+        assert {r["metric"]["rank"] for r in result} == {str(r) for r in range(RANKS)}, title
+    (expr,) = [e for t, _, e, _ in QUERIES if t == "Busy share by rank and stage (now)"]
+    result = prometheus.query(substitute(expr, prometheus.target))["result"]
+    assert {(r["metric"]["rank"], r["metric"]["stage"]) for r in result} == {
+        (str(r), s) for r in range(RANKS) for s in STAGES}
 
 
 def test_state_panel_shows_one_state_and_the_device(prometheus):

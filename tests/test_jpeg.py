@@ -96,3 +96,30 @@ def test_pixel_budget_is_checked_before_decoding():
         Decoder(max_pixels=64_000_000).decode_rgb(data)
     assert info.value.reason == "too_large"
     assert Decoder(max_pixels=10_000).decode_rgb(jpeg(64, 64)).shape == (64, 64, 3)
+
+
+def test_the_turbojpeg_library_can_be_named_by_path(tmp_path):
+    """$ALEXNETD_TURBOJPEG_LIB: a host without libturbojpeg installed loads a shipped copy
+    (bench/gpu.py --wheels). A fresh process, so the library is loaded from that path."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from alexnetd.pipeline.jpeg import TURBOJPEG_LIB_ENV
+
+    Decoder()  # loads the system's library into this process: its path is in our maps
+    (system,) = {line.split()[-1] for line in open("/proc/self/maps") if "libturbojpeg" in line}
+    shipped = tmp_path / "libturbojpeg.so.0"
+    shutil.copy(os.path.realpath(system), shipped)
+    code = ("from alexnetd.pipeline.jpeg import Decoder; import sys; "
+            f"Decoder().decode_rgb(open({str(tmp_path / 'x.jpg')!r}, 'rb').read()); "
+            "print(any(sys.argv[1] in line for line in open('/proc/self/maps')))")
+    (tmp_path / "x.jpg").write_bytes(jpeg(64, 48))
+    env = dict(os.environ, **{TURBOJPEG_LIB_ENV: str(shipped)})
+    done = subprocess.run([sys.executable, "-c", code, str(shipped)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # the copy, not the system's library, is mapped
+    env[TURBOJPEG_LIB_ENV] = str(tmp_path / "missing.so")
+    done = subprocess.run([sys.executable, "-c", code, str(shipped)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0  # a wrong path fails loudly, never falls back unseen
