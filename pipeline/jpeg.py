@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_FASTUPSAMPLE, TJPF_RGB, TurboJPEG
 
+from alexnetd.pipeline.turbo import Decompressor, TurboError
+
 __all__ = ["Decoder", "SkipSample", "REASONS", "DEFAULT_MAX_PIXELS", "TURBOJPEG_LIB_ENV", "open_turbojpeg"]
 
 REASONS = ("truncated", "undecodable", "too_large", "unsupported")
@@ -75,6 +77,7 @@ class Decoder:
         self.scales = sorted((f for f in self.turbo.scaling_factors if f[0] <= f[1]),
                              key=lambda f: f[0] / f[1], reverse=True)
         self._scratch = np.empty(0, np.uint8)  # decode_into's buffer for images to resize
+        self._direct = Decompressor(os.environ.get(TURBOJPEG_LIB_ENV) or None)  # decode_into's hot path
 
     # -- the entry points ----------------------------------------------------------
 
@@ -104,9 +107,13 @@ class Decoder:
         for the copies that remain on that path)."""
         size = out.shape[0]
         if len(data) >= 2 and bytes(data[:2]) == _JPEG_MAGIC:
-            width, height, colorspace = self._header(data)
+            array = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+            width, height, colorspace = self._direct_header(array)
             if colorspace not in (TJCS_CMYK, TJCS_YCCK):
                 scale, scaled = self.scaled_size(width, height, size)
+                if scale is None and scaled == (size, size) and out.flags.c_contiguous:
+                    self._direct_decode(array, out)  # the prepared-shard case: every training image
+                    return
                 if scaled == (size, size):
                     self._decode(data, size, out, scale)
                     return
@@ -141,6 +148,24 @@ class Decoder:
             raise SkipSample("truncated", str(exc)) from None
         except OSError as exc:
             raise SkipSample("undecodable", str(exc)) from None
+
+    def _direct_header(self, array: np.ndarray) -> tuple[int, int, int]:
+        """_header through the persistent handle (pipeline/turbo.py)."""
+        try:
+            width, height, _subsample, colorspace = self._direct.header(array)
+        except TurboError as exc:
+            raise SkipSample("undecodable", f"bad JPEG header: {exc}") from None
+        if width * height > self.max_pixels:
+            raise SkipSample("too_large", f"{width}x{height} is over the {self.max_pixels} pixel budget")
+        return width, height, colorspace
+
+    def _direct_decode(self, array: np.ndarray, out: np.ndarray) -> None:
+        try:
+            self._direct.decompress(array, out, TJPF_RGB, self.flags)
+        except TurboError as exc:
+            # A warning is a truncated or damaged stream, decoded partly grey: skipped, as
+            # PyTurboJPEG's UserWarning is in _decode.
+            raise SkipSample("truncated" if exc.warning else "undecodable", str(exc)) from None
 
     def _header(self, data: bytes) -> tuple[int, int, int]:
         try:

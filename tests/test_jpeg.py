@@ -123,3 +123,28 @@ def test_the_turbojpeg_library_can_be_named_by_path(tmp_path):
     env[TURBOJPEG_LIB_ENV] = str(tmp_path / "missing.so")
     done = subprocess.run([sys.executable, "-c", code, str(shipped)], env=env, capture_output=True, text=True)
     assert done.returncode != 0  # a wrong path fails loudly, never falls back unseen
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: d[: len(d) // 2], "truncated"),
+    (lambda d: d[:2] + bytes(rng.integers(0, 256, 3000, dtype=np.uint8)), "undecodable"),
+    (lambda d: with_size(d, 60000, 60000), "too_large"),
+])
+def test_decode_into_skips_bad_prepared_images_with_a_reason(damage, reason):
+    """The hot path (one persistent TurboJPEG handle, pipeline/turbo.py) names damage as
+    PyTurboJPEG's path does, and a skipped image never raises anything else."""
+    out = np.zeros((256, 256, 3), np.uint8)
+    with pytest.raises(SkipSample) as info:
+        Decoder(fast=True).decode_into(np.frombuffer(damage(jpeg(256, 256)), np.uint8), out)
+    assert info.value.reason == reason
+    with pytest.raises(SkipSample) as again:
+        Decoder(fast=True).decode_rgb(damage(jpeg(256, 256)))
+    assert again.value.reason == reason
+
+
+def test_one_decoder_decodes_many_images_through_its_handle():
+    decoder, out = Decoder(fast=True), np.empty((256, 256, 3), np.uint8)
+    for seed in range(5):
+        data = jpeg(256, 256, quality=60 + seed * 8)
+        decoder.decode_into(np.frombuffer(data, np.uint8), out)
+        assert np.array_equal(out, decoder.decode_rgb(data))
