@@ -297,7 +297,7 @@ class Trainer:
 
     def _skipped_over_budget(self) -> bool:
         skipped = sum(self.feed.skipped.values())
-        seen = self.feed.clock.images + skipped
+        seen = self.feed.released_images + skipped  # both of trained batches only
         # A few bad files early on are not a verdict on the dataset: judge on a fair sample.
         return seen >= 10 * self.config.batch_size and skipped > self.config.skip_budget * seen
 
