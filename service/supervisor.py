@@ -90,6 +90,7 @@ class Supervisor:
         self.restart_times: dict[str, deque] = {s: deque() for s in STAGES}
         self.last_restart = 0.0
         self.skipped_retired: dict[str, int] = {}
+        self.checkpoint_failures_retired = 0
         self.state = "starting"
         self.halt_reason: str | None = None
         self.stopping_since: float | None = None
@@ -276,6 +277,7 @@ class Supervisor:
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
+            self.checkpoint_failures_retired += beat.get("checkpoint_failures") or 0
             copier = self.beats.pop(name.replace("trainer", "copier"), None)
             if copier is not None:
                 for key in COUNTER_KEYS:
@@ -417,11 +419,16 @@ class Supervisor:
     def _current_state(self) -> str:
         if self.stopping_since is not None:
             return "stopping"
-        down = not all(p.is_alive() for p in self.processes.values())
-        restarted = self.last_restart and time.monotonic() - self.last_restart < DEGRADED_FOR
-        if self.state != "starting" and (down or restarted):
-            return "degraded"
-        return self.state
+        return "degraded" if self.state != "starting" and self._degraded_reason() else self.state
+
+    def _degraded_reason(self) -> str | None:
+        down = [n for n, p in self.processes.items() if not p.is_alive()]
+        if down:
+            return f"{down[0]} is down"
+        if self.last_restart and time.monotonic() - self.last_restart < DEGRADED_FOR:
+            return "a stage restarted in the last minute"
+        # Cleared by the next checkpoint that is written.
+        return self.beats.get(self._name("trainer", 0), {}).get("checkpoint_error")
 
     def status(self) -> dict:
         trainer = self.beats.get(self._name("trainer", 0), {})
@@ -470,6 +477,9 @@ class Supervisor:
             "validation": trainer.get("val"),
             "restarts": dict(self.restarts),
             "skipped": skipped,
+            "degraded_reason": self._degraded_reason() if self.state != "starting" else None,
+            "checkpoint_failures": self.checkpoint_failures_retired + (trainer.get("checkpoint_failures") or 0),
+            "skipped_recent": trainer.get("skipped_recent") or [],
             "checkpoint": None if not checkpoint else {
                 "path": checkpoint["path"], "step": checkpoint["step"],
                 "age_seconds": round(time.time() - checkpoint["t"], 1)},
@@ -499,6 +509,7 @@ class Supervisor:
             "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
             "memory": trainer.get("memory"), "state": status["state"],
+            "checkpoint_failures": status["checkpoint_failures"],
         }
 
     def _stage_history_line(self) -> None:
