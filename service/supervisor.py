@@ -91,6 +91,7 @@ class Supervisor:
         self.last_restart = 0.0
         self.skipped_retired: dict[str, int] = {}
         self.checkpoint_failures_retired = 0
+        self.malformed = {"beats": 0, "control": 0}  # frames refused on the supervisor's own sockets
         self.state = "starting"
         self.halt_reason: str | None = None
         self.stopping_since: float | None = None
@@ -367,9 +368,10 @@ class Supervisor:
     # -- heartbeats and status -----------------------------------------------------
 
     def _drain_beats(self) -> None:
-        for msg in wire.drain(self.beat_socket):
+        for msg in wire.drain(self.beat_socket, self._count_malformed_beat):
             stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", 0)
             if not isinstance(rank, int) or not 0 <= rank < self.world:
+                self._count_malformed_beat()
                 continue
             name = self._name(stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}", rank)
             pid_owner = self._name("trainer", rank) if stage == "copier" else name
@@ -385,6 +387,16 @@ class Supervisor:
                 moving = msg.get("step", 0) > 0 or msg.get("state") == "validating"
                 if msg.get("state") in ("training", "validating") and (moving or self.state != "starting"):
                     self.state = msg["state"]
+
+    def _count_malformed_beat(self, _error=None) -> None:
+        self.malformed["beats"] += 1
+
+    def _malformed(self) -> dict:
+        """Frames refused per socket: ours, and those the stages count on theirs."""
+        def counted(stage):
+            return sum((b.get("counters") or {}).get("malformed", 0) for n, b in self.beats.items() if _stage_of(n) == stage)
+        trainer = self.beats.get(self._name("trainer", 0), {})
+        return dict(self.malformed, ready=trainer.get("malformed", 0), credits=counted("loader"), jobs=counted("augmenter"))
 
     def _totals(self) -> dict:
         totals = {s: dict(self.retired[s]) for s in STAGES}
@@ -480,6 +492,7 @@ class Supervisor:
             "degraded_reason": self._degraded_reason() if self.state != "starting" else None,
             "checkpoint_failures": self.checkpoint_failures_retired + (trainer.get("checkpoint_failures") or 0),
             "skipped_recent": trainer.get("skipped_recent") or [],
+            "malformed": self._malformed(),
             "checkpoint": None if not checkpoint else {
                 "path": checkpoint["path"], "step": checkpoint["step"],
                 "age_seconds": round(time.time() - checkpoint["t"], 1)},
@@ -529,6 +542,7 @@ class Supervisor:
             msg = wire.recv(self.control)
             command = msg.get("cmd")
         except wire.WireError as exc:
+            self.malformed["control"] += 1
             wire.send(self.control, "reply", ok=False, error=str(exc))
             return
         if command == "status":
@@ -541,6 +555,7 @@ class Supervisor:
             else:
                 self._begin_stop("alexnetd stop")
         else:
+            self.malformed["control"] += 1
             wire.send(self.control, "reply", ok=False, error=f"unknown command {command!r}")
 
 
