@@ -235,6 +235,7 @@ def storage(work: Path, truncations: int, seed: int = 0) -> dict:
                                                  and "Traceback" not in result.stderr)
         finally:
             _umount(small)
+    out.update(full_disk(work, data))
     # Truncated checkpoints: two real checkpoints from a short run, the newest cut short.
     run = work / "storage-run"
     shutil.rmtree(run, ignore_errors=True)
@@ -252,6 +253,49 @@ def storage(work: Path, truncations: int, seed: int = 0) -> dict:
     newest.write_bytes(whole)
     out.update(truncated_checkpoints=truncations, partial_loads=partial_loads)
     return out
+
+
+def full_disk(work: Path, data: Path) -> dict:
+    """Room for two checkpoints at start, then another writer fills the disk: checkpoint
+    writes fail and are reported, training goes on; room again: the retry succeeds; full
+    again at stop: `stop` says the final checkpoint was not written."""
+    from alexnetd.model import checkpoint_bytes, latest_checkpoint, load_checkpoint
+
+    one, small = checkpoint_bytes(4), work / "full-fs"
+    if not _mount(small, 2 * one + (40 << 20), ro=False):
+        return {"full_disk": "skipped: cannot mount a tmpfs here"}
+    run, fill = small / "run", small / "ballast"
+    try:
+        start(data, run, "--keep-checkpoints", 1, "--checkpoint-every", 0.02, "--augmenters", 1, "--max-epochs", 1000)
+        wait_for(lambda: (s := status(run)) and s["checkpoint"], what="a first checkpoint")
+        _fill(fill, one // 2)
+        failing = wait_for(lambda: (s := status(run)) and s["checkpoint_failures"] >= 1 and s, what="a failed write")
+        moving = wait_for(lambda: (s := status(run)) and s["step"] >= failing["step"] + 3 and s, what="training on")
+        fill.unlink()
+        healed = wait_for(lambda: (s := status(run)) and s["checkpoint"]["step"] > failing["step"]
+                          and not s["degraded_reason"] and s, what="the retry")
+        _fill(fill, one // 2)
+        wait_for(lambda: (s := status(run)) and s["checkpoint_failures"] > healed["checkpoint_failures"], what="full again")
+        stopped = cli("stop", "--run-dir", run)
+        names = os.listdir(run / "checkpoints")
+        return {"full_disk_state": failing["state"], "full_disk_reason": failing["degraded_reason"],
+                "full_disk_training_went_on": moving["step"] > failing["step"],
+                "full_disk_retry_succeeded": healed["checkpoint"]["step"] > failing["step"],
+                "full_disk_stop_exit": stopped.returncode,
+                "full_disk_stop_says": stopped.stdout.strip().splitlines()[0] if stopped.stdout.strip() else "",
+                "full_disk_files_left": names,
+                "full_disk_kept_loads": load_checkpoint(latest_checkpoint(run / "checkpoints"))["step"] > 0,
+                "full_disk_tracebacks": (run / "alexnetd.log").read_text().count("Traceback")}
+    finally:
+        if holder(run) is not None:
+            cli("stop", "--run-dir", run, "--now")
+        _umount(small)
+
+
+def _fill(path: Path, leave_free: int) -> None:
+    st = os.statvfs(path.parent)
+    with open(path, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize - leave_free)
 
 
 def _mount(path: Path, size: int, ro: bool) -> bool:
@@ -327,18 +371,21 @@ def bad_files(work: Path, n: int) -> dict:
     make_fake_data(src, classes=2, train_per_class=8, val_per_class=2, raw=True, seed=1, progress=False)
     class_dirs = sorted((src / "train").iterdir())
     base = [p.read_bytes() for p in sorted(class_dirs[0].iterdir())][:4]
-    decoder, truth, crashes = Decoder(), {}, 0
     for i, (kind, blob) in enumerate(fuzz_jpegs(base, n)):
-        rel = f"{class_dirs[i % 2].name}/fuzz-{i:05d}-{kind}.JPEG"
-        (src / "train" / rel).write_bytes(blob)
+        (class_dirs[i % 2] / f"fuzz-{i:05d}-{kind}.JPEG").write_bytes(blob)
+    from alexnetd.pipeline.dataset import open_dataset
+
+    decoder, truth, crashes = Decoder(), {}, 0
+    split = open_dataset(src).split("train")
+    for i in range(len(split)):  # keyed as the daemon names them
         try:
-            decoder.decode_rgb(blob, min_side=256)
-            truth[rel] = None
+            decoder.decode_rgb(split.read(i), min_side=256)
+            truth[split.key(i)] = None
         except SkipSample as exc:
-            truth[rel] = exc.reason
+            truth[split.key(i)] = exc.reason
         except Exception:  # noqa: BLE001 - a crash of the decoder is the figure we measure
             crashes += 1
-            truth[rel] = "crash"
+            truth[split.key(i)] = "crash"
     bad = {k: v for k, v in truth.items() if v}
     out = {"files": n, "bad_by_reason": _by_reason(bad.values()), "decoder_crashes": crashes,
            "bombs_too_large": sum(1 for k, v in bad.items() if k.endswith("-bomb.JPEG") and v == "too_large"),
@@ -354,7 +401,6 @@ def bad_files(work: Path, n: int) -> dict:
     wait_for(lambda: holder(run) is None, what="the fuzz run")
     rows = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
     named = {r["key"]: r["reason"] for r in rows if r["split"] == "train"}
-    from alexnetd.pipeline.dataset import open_dataset
     from alexnetd.pipeline.plan import BatchPlan
 
     dataset = open_dataset(src)
