@@ -215,10 +215,23 @@ def _wait_moving(run_dir, past_step: int) -> dict | None:
 def storage(work: Path, truncations: int, seed: int = 0) -> dict:
     """A run dir too small for two checkpoints is refused at start; a read-only one too;
     a checkpoint truncated at any length never loads, the previous one does."""
-    from alexnetd.model import checkpoint_bytes, load_latest_checkpoint
+    data = prepared(work)
+    out = refusals(work, data)
+    out.update(full_disk(work, data))
+    # Truncated checkpoints: two real checkpoints from a short run, the newest cut short.
+    run = work / "storage-run"
+    shutil.rmtree(run, ignore_errors=True)
+    start(data, run, "--max-steps", 12, "--checkpoint-every", "0.01")
+    wait_for(lambda: holder(run) is None, what="the storage run")
+    out.update(truncated_checkpoints(run / "checkpoints", truncations, seed))
+    return out
 
-    data, rng, out = prepared(work), random.Random(seed), {}
-    small = work / "small-fs"
+
+def refusals(work: Path, data: Path) -> dict:
+    """`start` on a filesystem too small for two checkpoints, and on a read-only one."""
+    from alexnetd.model import checkpoint_bytes
+
+    out, small = {}, work / "small-fs"
     if _mount(small, int(1.5 * checkpoint_bytes(4)), ro=False):
         try:
             result = start(data, small / "run", "--keep-checkpoints", 1)
@@ -235,24 +248,25 @@ def storage(work: Path, truncations: int, seed: int = 0) -> dict:
                                                  and "Traceback" not in result.stderr)
         finally:
             _umount(small)
-    out.update(full_disk(work, data))
-    # Truncated checkpoints: two real checkpoints from a short run, the newest cut short.
-    run = work / "storage-run"
-    shutil.rmtree(run, ignore_errors=True)
-    start(data, run, "--max-steps", 12, "--checkpoint-every", "0.01")
-    wait_for(lambda: holder(run) is None, what="the storage run")
+    return out
+
+
+def truncated_checkpoints(directory: Path, truncations: int, seed: int = 0) -> dict:
+    """The newest checkpoint cut at random lengths, as a crash mid-copy leaves it: the
+    previous one must load every time, the partial one never."""
+    from alexnetd.model import load_latest_checkpoint
     from alexnetd.model.checkpoint import list_checkpoints
 
-    (prev_step, _), (last_step, newest) = list_checkpoints(run / "checkpoints")[-2:]
+    rng = random.Random(seed)
+    (prev_step, _), (_, newest) = list_checkpoints(directory)[-2:]
     whole = newest.read_bytes()
     partial_loads = 0
     for _ in range(truncations):
         newest.write_bytes(whole[: rng.randrange(0, len(whole))])
-        path, state = load_latest_checkpoint(run / "checkpoints")
+        path, state = load_latest_checkpoint(directory)
         partial_loads += path == newest or state["step"] != prev_step
     newest.write_bytes(whole)
-    out.update(truncated_checkpoints=truncations, partial_loads=partial_loads)
-    return out
+    return {"truncated_checkpoints": truncations, "partial_loads": partial_loads}
 
 
 def full_disk(work: Path, data: Path) -> dict:
@@ -397,7 +411,7 @@ def bad_files(work: Path, n: int) -> dict:
                prepare_skipped=len(listed))
     run = work / "fuzz-run"
     shutil.rmtree(run, ignore_errors=True)
-    start(src, run, "--max-epochs", 1, "--skip-budget", 1.0, "--batch-size", 16)
+    start(src, run, "--max-epochs", 1, "--skip-budget", 1.0, "--batch-size", 16, "--checkpoint-every", 30)
     wait_for(lambda: holder(run) is None, what="the fuzz run")
     rows = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
     named = {r["key"]: r["reason"] for r in rows if r["split"] == "train"}
