@@ -627,11 +627,8 @@ def tar_shards(work: Path) -> dict:
 def soak(work: Path, minutes: float, sample_every: float) -> dict:
     """A long CPU run: RSS and open descriptors of every process sampled; then stop, and
     a SIGKILL of the daemon + start + stop, after which nothing may be left behind."""
-    from alexnetd.pipeline.ring import SHM_DIR
-
     data, run = prepared(work), work / "soak-run"
     shutil.rmtree(run, ignore_errors=True)
-    shm_before = set(os.listdir(SHM_DIR))
     start(data, run, "--max-epochs", 100000, "--checkpoint-every", 5)
     samples = []  # (batches, {name: (rss bytes, fds)})
     deadline = time.monotonic() + 60 * minutes
@@ -642,7 +639,7 @@ def soak(work: Path, minutes: float, sample_every: float) -> dict:
             samples.append((s["step"], {n: _rss_fds(p) for n, p in procs.items()}))
         time.sleep(sample_every)
     cli("stop", "--run-dir", run)
-    left_stop = _leftovers(run, shm_before)
+    left_stop = _leftovers(run)
     start(data, run, "--max-epochs", 100000)
     pid = holder(run)
     procs = status(run)["processes"]
@@ -650,7 +647,7 @@ def soak(work: Path, minutes: float, sample_every: float) -> dict:
     wait_for(lambda: not any(alive(p) for p in procs.values()), timeout=60, what="stages to exit")
     start(data, run, "--max-epochs", 100000)
     cli("stop", "--run-dir", run)
-    left_kill = _leftovers(run, shm_before)
+    left_kill = _leftovers(run)
     warm = samples[len(samples) // 3:] if len(samples) >= 3 else samples
     growth, fds = {}, {}
     if len(warm) >= 2:
@@ -674,11 +671,12 @@ def _rss_fds(pid: int | None):
         return None
 
 
-def _leftovers(run: Path, shm_before: set) -> list[str]:
-    from alexnetd.pipeline.ring import SHM_DIR
+def _leftovers(run: Path) -> list[str]:
+    """This run's ring segment (other runs on the machine have their own) and socket files."""
+    from alexnetd.pipeline.ring import SHM_DIR, ring_name
 
     wait_for(lambda: holder(run) is None, what="the daemon to exit")
-    shm = [f"/dev/shm/{n}" for n in set(os.listdir(SHM_DIR)) - shm_before]
+    shm = [f"/dev/shm/{n}" for n in os.listdir(SHM_DIR) if n == ring_name(run)]
     socks = [str(p.relative_to(run)) for p in run.rglob("*.sock")]
     return shm + socks
 

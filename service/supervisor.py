@@ -156,6 +156,11 @@ class Supervisor:
             for sock in (self.control, self.beat_socket):
                 sock.close(linger=0)
             Path(control_endpoint(self.run_dir)[len("ipc://"):]).unlink(missing_ok=True)
+            # ZeroMQ leaves a bound ipc:// file behind; every stage is gone now, so none is in use.
+            for ends in self.rank_endpoints:
+                for address in ends.as_dict().values():
+                    if address.startswith("ipc://"):
+                        Path(address[len("ipc://"):]).unlink(missing_ok=True)
             self.history.write("event", event="daemon-stop", code=code)
             self.history.close()
             os.close(wakeup_r)
