@@ -13,7 +13,7 @@ DEMO_RUN  ?= demo-run
 # Run a system command as root when we are root or may sudo; otherwise say what is missing.
 ASROOT := $(shell if [ "$$(id -u)" = 0 ]; then echo; elif sudo -n true 2>/dev/null; then echo sudo -n; else echo false; fi)
 
-.PHONY: demo test bench sysdeps testdeps install clean
+.PHONY: demo test bench chaos sysdeps testdeps install clean
 
 # The daemon on generated shards, on the CPU: start it detached, watch `status` a few
 # times while it trains, then stop it (it leaves a checkpoint in $(DEMO_RUN)/checkpoints).
@@ -32,6 +32,12 @@ test: install testdeps
 bench: install
 	$(BIN)/pip install -q -e '.[dev,dali]'
 	$(BIN)/python bench/input.py
+
+# Reliability figures (RELIABILITY.md): kills, full disks, bad files, hostile frames, soak.
+# The full suite takes hours on 2 cores; `make chaos CHAOS_FLAGS=--quick` takes minutes.
+CHAOS_FLAGS ?=
+chaos: install
+	$(BIN)/python bench/chaos.py $(CHAOS_FLAGS)
 
 install: $(VENV)/.installed
 

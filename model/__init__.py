@@ -2,7 +2,7 @@
 
 from .alexnet import AlexNet, LocalResponseNorm, TwoTowerAlexNet, layer_output_shapes
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                         load_latest_checkpoint, save_checkpoint)
+                         load_latest_checkpoint, save_checkpoint, checkpoint_bytes)
 from .recipe import (PaperSGD, PlateauSchedule, autocast_context, load_rng_state,
                      rng_state, set_deterministic, set_lr)
 
@@ -11,5 +11,5 @@ __all__ = [
     "PaperSGD", "PlateauSchedule", "set_lr", "autocast_context", "set_deterministic",
     "rng_state", "load_rng_state",
     "CheckpointError", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
-    "load_latest_checkpoint",
+    "load_latest_checkpoint", "checkpoint_bytes",
 ]

@@ -16,6 +16,7 @@ The prepared layout is described in `shards.py`, which writes it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -241,9 +242,15 @@ class PreparedSplit(Split):
         return fd
 
     def read(self, i: int) -> bytes:
-        """The stored JPEG of sample i: one pread. (A shard truncated after it was
-        opened gives short bytes, which the decoder reports as truncated.)"""
-        return os.pread(self._fd(int(self._shard[i])), int(self._length[i]), int(self._offset[i]))
+        """The stored JPEG of sample i: one pread of its tar header and data. (A shard
+        truncated after it was opened gives short bytes, which the decoder reports as
+        truncated.) A member that is not a plain file of the index's size under a
+        relative name (a link, a device, `../x`) raises OSError: the loader sends such a
+        sample empty, and it is skipped and counted like any unreadable file."""
+        shard, length = int(self._shard[i]), int(self._length[i])
+        blob = os.pread(self._fd(shard), length + 512, int(self._offset[i]) - 512)
+        _check_member(blob[:512], length, self._paths[shard])
+        return blob[512:]
 
     def key(self, i: int) -> str:
         """"train-000003.tar:n01440764_10026", read from the tar header just before the data."""
@@ -269,6 +276,23 @@ class PreparedSplit(Split):
 
 
 # -- ImageFolder -----------------------------------------------------------------------
+
+
+def _check_member(header: bytes, length: int, shard: str) -> None:
+    """The ustar header before a sample's data names a regular file of `length` bytes."""
+    if len(header) < 512:
+        raise OSError(errno.EIO, f"{shard}: tar header cut short")
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    full = (prefix + b"/" + name if prefix else name).decode("ascii", "replace")
+    try:
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        size = -1
+    if header[156:157] not in (b"0", b"\0") or size != length:
+        raise OSError(errno.EINVAL, f"{shard}: member {full!r} is not a plain file of {length} bytes")
+    if full.startswith("/") or ".." in full.split("/"):
+        raise OSError(errno.EINVAL, f"{shard}: member name {full!r} leaves the shard's directory")
 
 
 def _class_dirs(path: Path) -> list[str]:

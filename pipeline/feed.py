@@ -79,7 +79,8 @@ class Feed:
         self.handed: dict = {}             # key -> Batch handed on, not yet released
         self.in_use: set[int] = set()      # slots the trainer side still reads
         self.malformed = 0
-        self.skipped: dict = {}
+        self.skipped: dict = {}            # reason -> samples skipped in released batches
+        self.released_images = 0           # images of released batches: the skip budget's base
         self._ctx = zmq.Context.instance()
         self._inproc = f"inproc://feed-{next(_ids)}"
         self._trainer_end = None
@@ -112,7 +113,14 @@ class Feed:
         return batch
 
     def release(self, batch: Batch) -> None:
-        """The step is done with this batch: its slot (CPU) or device buffer (CUDA) is free."""
+        """The step is done with this batch: its slot (CPU) or device buffer (CUDA) is free.
+
+        Skipped samples are counted here, once per batch trained: not on arrival (a batch
+        rebuilt after a restart arrives twice) nor when handed on (the next epoch's first
+        batches are handed on before a stop or the end of training, and never trained)."""
+        for _index, reason in batch.skipped:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.released_images += batch.n
         event = None
         if self._cuda and self.decoded is None:
             event = torch.cuda.Event()
@@ -207,10 +215,6 @@ class Feed:
             with self.clock.timing("busy"):
                 batch = self._to_batch(msg, credits, copy_stream)
             self.handed[self._cursor] = batch
-            # Counted here, once per batch trained, not on arrival: a batch rebuilt after
-            # a restart arrives twice.
-            for _index, reason in batch.skipped:
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
             wire.send(pair, "ready", key=list(self._cursor))
             self.clock.images += batch.n
             self.clock.batches += 1

@@ -182,8 +182,31 @@ def preflight(config: Config, fresh: bool) -> None:
     if need > free:
         raise click.ClickException(f"the batch ring needs {need / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
                                    "use fewer --slots or a smaller --batch-size")
+    _check_checkpoint_room(config, len(dataset.classes), fresh)
     if not fresh:
         _check_resume(config, dataset)
+
+
+def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> None:
+    """Refuse a run directory whose filesystem cannot hold the checkpoints the run will
+    keep plus the one being written (at least two): on a full disk every checkpoint
+    write would fail, and the work since the last one is redone after any crash."""
+    from alexnetd.model import checkpoint_bytes
+    from alexnetd.model.checkpoint import list_checkpoints
+
+    one = checkpoint_bytes(num_classes)
+    need = (config.keep_checkpoints + 1) * one
+    directory = Path(config.run_dir) / "checkpoints"
+    # Checkpoints already there are rotated away by the new ones (--fresh moves them
+    # aside, which is a rename on the same filesystem: they stay).
+    existing = 0 if fresh else sum(p.stat().st_size for _, p in list_checkpoints(directory))
+    free = shutil.disk_usage(config.run_dir).free
+    if free + existing < need:
+        hint = " or --keep-checkpoints 1" if config.keep_checkpoints > 1 else ""
+        raise click.ClickException(
+            f"run directory {config.run_dir}: {free / 2**20:.0f} MiB free, but {config.keep_checkpoints + 1} "
+            f"checkpoints of {one / 2**20:.0f} MiB need {need / 2**20:.0f} MiB "
+            f"(the {config.keep_checkpoints} kept and the one being written); free space{hint}")
 
 
 def _check_resume(config: Config, dataset) -> None:
@@ -198,7 +221,7 @@ def _check_resume(config: Config, dataset) -> None:
 
 def _set_aside_previous_run(run_dir: Path) -> None:
     """--fresh: move the old checkpoints and history out of the way, never delete them."""
-    old = [run_dir / name for name in ("checkpoints", "history.jsonl") if (run_dir / name).exists()]
+    old = [run_dir / name for name in ("checkpoints", "history.jsonl", "skipped.jsonl") if (run_dir / name).exists()]
     if old:
         archive = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
         archive.mkdir()
@@ -316,4 +339,19 @@ def stop(run_dir, now, timeout):
     from alexnetd.model.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir / "checkpoints")
+    failed = None if now else _final_checkpoint_error(run_dir)
+    if failed:
+        click.echo(f"alexnetd stopped, but its final checkpoint was not written: {failed}")
+        click.echo(f"a resume starts from {latest or 'scratch'}: the steps since are trained again")
+        sys.exit(1)
     click.echo("alexnetd stopped" + (f"; last checkpoint {latest}" if latest else ""))
+
+
+def _final_checkpoint_error(run_dir: Path) -> str | None:
+    """The trainer's last stop event says whether its final checkpoint was written."""
+    from alexnetd.service.history import read_history
+
+    rows = read_history(run_dir)
+    starts = [i for i, row in enumerate(rows) if row.get("event") == "daemon-start"]
+    stops = [row for row in rows[starts[-1] if starts else 0:] if row.get("event") == "trainer-stop"]
+    return stops[-1].get("checkpoint_error") if stops else None

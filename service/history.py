@@ -19,12 +19,20 @@ class History:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "history.jsonl"
         self._fh = open(self.path, "a", buffering=1)
+        self.dropped = 0
 
     def write(self, kind: str, **fields) -> None:
-        self._fh.write(json.dumps({"t": round(time.time(), 3), "kind": kind, **fields}) + "\n")
+        try:
+            self._fh.write(json.dumps({"t": round(time.time(), 3), "kind": kind, **fields}) + "\n")
+        except OSError:
+            # A full disk loses history lines, never the training: readers skip a torn line.
+            self.dropped += 1
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # on a full disk the last buffered line is lost; closing must not fail the process
 
 
 def read_history(run_dir) -> list[dict]:

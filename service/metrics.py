@@ -39,6 +39,7 @@ EXPORTED_METRICS = (
     "alexnetd_skipped_samples_total",
     "alexnetd_checkpoint_write_seconds",
     "alexnetd_checkpoint_last_timestamp_seconds",
+    "alexnetd_checkpoint_failures_total",
     "alexnetd_memory_bytes",
     "alexnetd_state",
     "alexnetd_info",
@@ -52,7 +53,7 @@ class DaemonCollector(Collector):
                 "ring_slots_in_use", "reorder"}, ...] (one per data-parallel rank, in rank order),
      "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
-     "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda"}"""
+     "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda", "checkpoint_failures": int}"""
 
     def __init__(self, snapshot):
         self.snapshot = snapshot
@@ -106,6 +107,8 @@ class DaemonCollector(Collector):
         checkpoint = s["checkpoint"] or {}
         yield _gauge("alexnetd_checkpoint_write_seconds", "Seconds the last checkpoint took to write.", checkpoint.get("write_seconds", 0.0))
         yield _gauge("alexnetd_checkpoint_last_timestamp_seconds", "Unix time of the last checkpoint (0: none yet).", checkpoint.get("t", 0.0))
+        yield CounterMetricFamily("alexnetd_checkpoint_failures", "Checkpoint writes that failed (full disk, I/O error).",
+                                  value=float(s.get("checkpoint_failures", 0)))
 
         memory = GaugeMetricFamily("alexnetd_memory_bytes", "Device memory allocated (CUDA), or the trainer's resident memory (cpu).", labels=["device"])
         for device, used in (s["memory"] or {"cpu": 0}).items():

@@ -21,6 +21,7 @@ def _num(value, fmt="{:.4g}") -> str:
 def render_status(s: dict) -> str:
     lines = [
         f"alexnetd {s['state']}  (pid {s['pid']}, up {_duration(s['uptime_seconds'])}, {s['device']})",
+    ] + ([f"  degraded    {s['degraded_reason']}"] if s.get("degraded_reason") else []) + [
         f"  run dir     {s['run_dir']}",
         f"  data        {s['data']}",
         f"  epoch       {s['epoch'] + 1}/{s['max_epochs']}  {s['epoch_progress']:.0%} of epoch, "
@@ -58,6 +59,8 @@ def render_status(s: dict) -> str:
                  f"{q['reorder_buffer']} batches waiting in order")
     skipped = s.get("skipped") or {}
     lines.append("  skipped     " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
+    for row in s.get("skipped_recent") or []:  # the last few bad files, each named once
+        lines.append(f"              {row['split']} {row['key']} ({row['reason']})")
     ck = s.get("checkpoint")
     lines.append("  checkpoint  " + ("none yet" if not ck else
                  f"{ck['path']} (step {ck['step']}, {_duration(ck['age_seconds'])} ago)"))

@@ -93,6 +93,8 @@ class Supervisor:
         self.restart_times: dict[str, deque] = {s: deque() for s in STAGES}
         self.last_restart = 0.0
         self.skipped_retired: dict[str, int] = {}
+        self.checkpoint_failures_retired = 0
+        self.malformed = {"beats": 0, "control": 0}  # frames refused on the supervisor's own sockets
         self.state = "starting"
         self.halt_reason: str | None = None
         self.stopping_since: float | None = None
@@ -160,6 +162,11 @@ class Supervisor:
             for sock in (self.control, self.beat_socket):
                 sock.close(linger=0)
             Path(control_endpoint(self.run_dir)[len("ipc://"):]).unlink(missing_ok=True)
+            # ZeroMQ leaves a bound ipc:// file behind; every stage is gone now, so none is in use.
+            for ends in self.rank_endpoints:
+                for address in ends.as_dict().values():
+                    if address.startswith("ipc://"):
+                        Path(address[len("ipc://"):]).unlink(missing_ok=True)
             self.history.write("event", event="daemon-stop", code=code)
             self.history.close()
             os.close(wakeup_r)
@@ -282,6 +289,7 @@ class Supervisor:
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
+            self.checkpoint_failures_retired += beat.get("checkpoint_failures") or 0
             copier = self.beats.pop(name.replace("trainer", "copier"), None)
             if copier is not None:
                 for key in COUNTER_KEYS:
@@ -371,9 +379,10 @@ class Supervisor:
     # -- heartbeats and status -----------------------------------------------------
 
     def _drain_beats(self) -> None:
-        for msg in wire.drain(self.beat_socket):
+        for msg in wire.drain(self.beat_socket, self._count_malformed_beat):
             stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", 0)
             if not isinstance(rank, int) or not 0 <= rank < self.world:
+                self._count_malformed_beat()
                 continue
             name = self._name(stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}", rank)
             # The copier, and DALI's decoding thread (reported as the augmenter stage), live
@@ -391,6 +400,16 @@ class Supervisor:
                 moving = msg.get("step", 0) > 0 or msg.get("state") == "validating"
                 if msg.get("state") in ("training", "validating") and (moving or self.state != "starting"):
                     self.state = msg["state"]
+
+    def _count_malformed_beat(self, _error=None) -> None:
+        self.malformed["beats"] += 1
+
+    def _malformed(self) -> dict:
+        """Frames refused per socket: ours, and those the stages count on theirs."""
+        def counted(stage):
+            return sum((b.get("counters") or {}).get("malformed", 0) for n, b in self.beats.items() if _stage_of(n) == stage)
+        trainer = self.beats.get(self._name("trainer", 0), {})
+        return dict(self.malformed, ready=trainer.get("malformed", 0), credits=counted("loader"), jobs=counted("augmenter"))
 
     def _rank_totals(self) -> list[dict]:
         """Per rank, per stage: cumulative counters (dead processes' included)."""
@@ -428,11 +447,16 @@ class Supervisor:
     def _current_state(self) -> str:
         if self.stopping_since is not None:
             return "stopping"
-        down = not all(p.is_alive() for p in self.processes.values())
-        restarted = self.last_restart and time.monotonic() - self.last_restart < DEGRADED_FOR
-        if self.state != "starting" and (down or restarted):
-            return "degraded"
-        return self.state
+        return "degraded" if self.state != "starting" and self._degraded_reason() else self.state
+
+    def _degraded_reason(self) -> str | None:
+        down = [n for n, p in self.processes.items() if not p.is_alive()]
+        if down:
+            return f"{down[0]} is down"
+        if self.last_restart and time.monotonic() - self.last_restart < DEGRADED_FOR:
+            return "a stage restarted in the last minute"
+        # Cleared by the next checkpoint that is written.
+        return self.beats.get(self._name("trainer", 0), {}).get("checkpoint_error")
 
     def status(self) -> dict:
         trainer = self.beats.get(self._name("trainer", 0), {})
@@ -484,6 +508,10 @@ class Supervisor:
             "validation": trainer.get("val"),
             "restarts": dict(self.restarts),
             "skipped": skipped,
+            "degraded_reason": self._degraded_reason() if self.state != "starting" else None,
+            "checkpoint_failures": self.checkpoint_failures_retired + (trainer.get("checkpoint_failures") or 0),
+            "skipped_recent": trainer.get("skipped_recent") or [],
+            "malformed": self._malformed(),
             "checkpoint": None if not checkpoint else {
                 "path": checkpoint["path"], "step": checkpoint["step"],
                 "age_seconds": round(time.time() - checkpoint["t"], 1)},
@@ -539,6 +567,7 @@ class Supervisor:
             "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
             "memory": memory or None, "state": status["state"], "device": self.config.device,
+            "checkpoint_failures": status["checkpoint_failures"],
         }
 
     def _stage_history_line(self) -> None:
@@ -558,6 +587,7 @@ class Supervisor:
             msg = wire.recv(self.control)
             command = msg.get("cmd")
         except wire.WireError as exc:
+            self.malformed["control"] += 1
             wire.send(self.control, "reply", ok=False, error=str(exc))
             return
         if command == "status":
@@ -570,6 +600,7 @@ class Supervisor:
             else:
                 self._begin_stop("alexnetd stop")
         else:
+            self.malformed["control"] += 1
             wire.send(self.control, "reply", ok=False, error=f"unknown command {command!r}")
 
 

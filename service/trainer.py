@@ -39,6 +39,7 @@ from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, Heartbeat, StageClock,
 from alexnetd.pipeline.transform import InputTransform
 from alexnetd.service.config import Config
 from alexnetd.service.history import History
+from alexnetd.service.skiplog import SkipLog
 
 __all__ = ["run_trainer", "Trainer"]
 
@@ -114,6 +115,9 @@ class Trainer:
         self.step = 0
         self.position = (0, 0)
         self.last_checkpoint: dict | None = None
+        self.saved_key: tuple | None = None          # (step, epoch, next seq) of the checkpoint on disk
+        self.checkpoint_failures = 0
+        self.checkpoint_error: str | None = None     # why the last checkpoint write failed; None once one succeeds
         self.last_val: dict | None = None
         self.loss: float | None = None
         if resume:
@@ -132,6 +136,8 @@ class Trainer:
         self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
         self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
         self.history = History(self.run_dir) if rank == 0 else _NoHistory()
+        self.skiplog = SkipLog(self.run_dir, shared=world > 1)
+        self.splits: dict = {}
         self.rate = 0.0
         self.val = _ValTally()
         self.phase = "training"
@@ -155,14 +161,21 @@ class Trainer:
         self.step, self.position = int(state["step"]), (int(state["epoch"]), int(state["next_seq"]))
         self.last_val = state.get("last_val")
         self.last_checkpoint = {"path": str(path), "step": self.step, "t": path.stat().st_mtime, "write_seconds": 0.0}
+        self.saved_key = (self.step, *self.position)
         log.info("resumed from %s at epoch %d seq %d, step %d", path, *self.position, self.step)
 
-    def checkpoint(self, reason: str) -> None:
+    def checkpoint(self, reason: str) -> bool:
+        """Write a checkpoint; True if one of this state is on disk. A write that fails
+        (a full disk, an I/O error) leaves the previous checkpoint as it was, is said in
+        one line, shows in `status` and the metrics, and is retried at the next
+        checkpoint time: training goes on."""
         if self.rank != 0:
-            return  # every rank holds the same weights; rank 0 writes them
+            return True  # every rank holds the same weights; rank 0 writes them
         epoch, seq = self.position
         if seq > self.plan.train_batches:  # inside validation: resume re-runs all of it
             seq = self.plan.train_batches
+        if self.saved_key == (self.step, epoch, seq):
+            return True  # e.g. the last epoch's checkpoint is also the final one: once is enough
         optimizer_state = self.optimizer.state_dict()
         if isinstance(self.model, TwoTowerAlexNet):
             optimizer_state = self.model.optimizer_state_to_grouped(optimizer_state)
@@ -177,12 +190,25 @@ class Trainer:
         # A big checkpoint on a slow disk outlasts the heartbeat timeout: say so first.
         self._beat("checkpointing", force=True)
         start = time.perf_counter()
-        path = save_checkpoint(self.checkpoint_dir, state, keep=self.config.keep_checkpoints)
+        try:
+            path = save_checkpoint(self.checkpoint_dir, state, keep=self.config.keep_checkpoints)
+        except OSError as exc:
+            self.checkpoint_failures += 1
+            self.checkpoint_error = (f"checkpoint of step {self.step} not written to {self.checkpoint_dir}: "
+                                     f"{exc.strerror or exc}")
+            kept = self.last_checkpoint["path"] if self.last_checkpoint else "none"
+            log.error("%s; the previous one (%s) stays, retrying at the next checkpoint time", self.checkpoint_error, kept)
+            self.history.write("event", event="checkpoint-failed", reason=reason, step=self.step, error=self.checkpoint_error)
+            self._beat(self.phase, force=True)
+            return False
         seconds = time.perf_counter() - start
+        self.saved_key = (self.step, epoch, seq)
+        self.checkpoint_error = None
         self.last_checkpoint = {"path": str(path), "step": self.step, "t": time.time(), "write_seconds": seconds}
         self.history.write("event", event="checkpoint", reason=reason, step=self.step, path=str(path),
                            seconds=round(seconds, 3))
         log.info("checkpoint %s (%s, %.2f s)", path.name, reason, seconds)
+        return True
 
     # -- the loop ------------------------------------------------------------------
 
@@ -223,6 +249,7 @@ class Trainer:
                     else:
                         self._val_step(batch)
                 self.feed.release(batch)
+                self._name_skipped(batch)
                 self.position = self.feed.position
                 if seq == self.plan.batches_in_epoch(epoch) - 1:
                     if self._end_of_epoch(epoch):
@@ -236,8 +263,14 @@ class Trainer:
                     break
                 self.phase = "validating" if batch.split == "val" else "training"
                 self._beat(self.phase)
-            self.checkpoint(reason)
-            self.history.write("event", event="trainer-stop", reason=reason, step=self.step)
+            final_error = None
+            if not self.checkpoint(reason):
+                kept = self.last_checkpoint or {}
+                final_error = self.checkpoint_error
+                log.error("final checkpoint not written (%s); a resume starts from %s (step %s)",
+                          final_error, kept.get("path", "scratch"), kept.get("step", 0))
+            self.history.write("event", event="trainer-stop", reason=reason, step=self.step,
+                               checkpoint_error=final_error)
             self._beat("stopping", force=True)
             return 0
         finally:
@@ -267,7 +300,7 @@ class Trainer:
             seconds = time.perf_counter() - start
             self.rate = batch.n / seconds if seconds > 0 else 0.0
             lr = self.optimizer.param_groups[0]["lr"]
-            self.history.write("step", step=self.step, epoch=batch.epoch, loss=self.loss, lr=lr,
+            self.history.write("step", step=self.step, epoch=batch.epoch, seq=batch.seq, loss=self.loss, lr=lr,
                                images_per_second=round(self.rate, 2))
             log.info("epoch %d step %d loss %.4f lr %g %.1f img/s", batch.epoch, self.step, self.loss, lr, self.rate)
 
@@ -315,9 +348,18 @@ class Trainer:
 
     def _skipped_over_budget(self) -> bool:
         skipped = sum(self.feed.skipped.values())
-        seen = self.feed.clock.images + skipped
+        seen = self.feed.released_images + skipped  # both of trained batches only
         # A few bad files early on are not a verdict on the dataset: judge on a fair sample.
         return seen >= 10 * self.config.batch_size and skipped > self.config.skip_budget * seen
+
+    def _name_skipped(self, batch) -> None:
+        """Each skipped sample of a trained batch, named once per run in skipped.jsonl."""
+        for index, reason in batch.skipped:
+            if batch.split not in self.splits:
+                self.splits[batch.split] = self.dataset.split(batch.split)
+            split = self.splits[batch.split]
+            path = split.path(index) if hasattr(split, "path") else None
+            self.skiplog.record(batch.split, split.key(index), reason, batch.epoch, batch.seq, path)
 
     def _skip_message(self) -> str:
         skipped = self.feed.skipped
@@ -347,6 +389,8 @@ class Trainer:
             val=self.last_val, checkpoint=self.last_checkpoint, reorder=stats["reorder"],
             slots_in_use=stats["in_use"], skipped=stats["skipped"], malformed=stats["malformed"],
             memory=self._memory(), max_epochs=self.config.max_epochs, max_steps=self.config.max_steps,
+            checkpoint_failures=self.checkpoint_failures, checkpoint_error=self.checkpoint_error,
+            skipped_recent=list(self.skiplog.recent),
         )
 
 

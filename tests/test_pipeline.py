@@ -224,3 +224,36 @@ def test_cuda_copier_hands_over_device_batches_equal_to_the_ring(prepared_data, 
             runs[device] = batches
     for cpu, cuda in zip(runs["cpu"], runs["cuda"]):
         assert torch.equal(cpu, cuda)
+
+
+def _undecodable(split) -> set[int]:
+    """Indices of the samples the pipeline's own decoder refuses."""
+    from alexnetd.pipeline.jpeg import Decoder, SkipSample
+
+    decoder, bad = Decoder(), set()
+    for i in range(len(split)):
+        try:
+            decoder.decode_rgb(split.read(i), min_side=256)
+        except SkipSample:
+            bad.add(i)
+    return bad
+
+
+def test_skips_are_counted_when_trained_not_when_prefetched(raw_data, tmp_path):
+    """One epoch trained; the copier has already handed on epoch 1's first batches. The
+    count is that of the trained epoch only (it used to include the prefetched ones)."""
+    dataset = open_dataset(raw_data)
+    bad = _undecodable(dataset.split("train"))
+    # A seed whose epoch 1 starts with a bad file, so that counting on hand-on would show.
+    seed = next(s for s in range(100) if bad & set(BatchPlan.for_dataset(dataset, 4, s, 0).samples(1, 0)[1]))
+    plan = BatchPlan.for_dataset(dataset, 4, seed, 0)
+    trained = set(np.concatenate([plan.samples(0, q)[1] for q in range(plan.train_batches)]).tolist())
+    with InputPipeline(raw_data, tmp_path / "run", batch=4, augmenters=1, val_every=0, seed=seed) as pipe:
+        for _ in range(plan.train_batches):
+            pipe.feed.release(pipe.feed.next_batch(timeout_ms=60_000))
+        deadline = time.monotonic() + 60
+        while len(pipe.feed.handed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # wait for the prefetch of epoch 1
+        assert {key[0] for key in pipe.feed.handed} == {1}
+        assert sum(pipe.feed.stats()["skipped"].values()) == len(bad & trained)
+        assert pipe.feed.released_images == len(trained) - len(bad & trained)

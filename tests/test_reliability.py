@@ -1,0 +1,127 @@
+"""Faults found by bench/chaos.py, fixed, and the short version of each chaos scenario.
+
+Real daemons, real JPEGs, real sockets; the figures bench/chaos.py prints are asserted
+here at a size CI can afford (a few kills, 100 fuzzed files, a 1-minute soak)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.jpeg import Decoder, SkipSample
+from daemon_helpers import cli, free_port, start_args, status, wait_exit, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import chaos  # noqa: E402  (bench/ is not a package)
+
+pytestmark = pytest.mark.slow
+
+
+def _bad_keys(data) -> dict:
+    split, decoder, bad = open_dataset(data).split("train"), Decoder(), {}
+    for i in range(len(split)):
+        try:
+            decoder.decode_rgb(split.read(i), min_side=256)
+        except SkipSample as exc:
+            bad[split.key(i)] = exc.reason
+    return bad
+
+
+def test_the_last_checkpoint_is_written_once(prepared_data, tmp_path):
+    """The last epoch's checkpoint and the final one are the same state: one write."""
+    run_dir = tmp_path / "run"
+    cli(*start_args(prepared_data, run_dir, free_port(), "--max-epochs", 1, "--val-every", 0), check=True)
+    wait_exit(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    writes = [r for r in rows if r.get("event") == "checkpoint"]
+    assert [r["reason"] for r in writes] == ["epoch"]
+    assert len({r["step"] for r in writes}) == len(writes)
+
+
+def test_skipped_files_are_named_once_per_run_and_shown(raw_data, tmp_path):
+    bad = _bad_keys(raw_data)
+    run_dir = tmp_path / "run"
+    args = start_args(raw_data, run_dir, free_port(), "--batch-size", 4, "--augmenters", 1, "--skip-budget", 1.0,
+                      "--max-epochs", 100, "--val-every", 0)
+    cli(*args, check=True)
+    try:
+        shown = wait_for(lambda: (s := status(run_dir)) and s["epoch"] >= 1 and s["skipped_recent"] and s,
+                         what="an epoch with named skips")
+        assert {row["key"] for row in shown["skipped_recent"]} <= set(bad)
+        text = cli("status", "--run-dir", run_dir).stdout
+        assert shown["skipped_recent"][-1]["key"] in text
+    finally:
+        cli("stop", "--run-dir", run_dir, check=True)
+    first = (run_dir / "skipped.jsonl").read_text().splitlines()
+    # A restart meets the same bad files again and writes nothing new for them.
+    cli(*args, check=True)
+    try:
+        wait_for(lambda: (s := status(run_dir)) and s["epoch"] >= shown["epoch"] + 1, what="another epoch")
+    finally:
+        cli("stop", "--run-dir", run_dir, check=True)
+    rows = [json.loads(line) for line in (run_dir / "skipped.jsonl").read_text().splitlines()]
+    keys = [(r["split"], r["key"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a file was named twice"
+    assert {r["key"]: r["reason"] for r in rows} == {k: bad[k] for _, k in keys}
+    assert [json.loads(line)["key"] for line in first] == [r["key"] for r in rows[:len(first)]]
+    assert all(Path(r["path"]).is_file() for r in rows)  # an ImageFolder's file, to go and fix
+
+
+def test_sigkills_lose_nothing_train_nothing_twice_and_change_no_weight(tmp_path):
+    result = chaos.sigkill(tmp_path, kills_per_kind=1, steps=16)
+    assert sum(result["kills"].values()) == 4, result
+    assert result["lost"] == 0 and result["trained_twice"] == 0 and result["ledger_in_order"], result
+    assert result["max_abs_dw"] == 0.0, result
+
+
+def test_fuzzed_jpegs_never_crash_and_are_each_named_once(tmp_path):
+    result = chaos.bad_files(tmp_path, 100)
+    assert result["decoder_crashes"] == 0 and result["prepare_exit"] == 0 and not result["prepare_traceback"]
+    assert result["prepare_skipped"] == sum(result["bad_by_reason"].values())
+    assert result["bombs_too_large"] == result["bombs"] > 0
+    assert result["daemon_restarts"] == 0 and result["daemon_named_twice"] == 0
+    assert result["daemon_matches_truth"] and result["daemon_named"] == result["daemon_expected"] > 0
+
+
+def test_hostile_frames_are_refused_and_nothing_is_unpickled(tmp_path):
+    result = chaos.hostile(tmp_path, 2000)
+    assert not result["canary_appeared"]
+    assert result["kept_training"] and result["restarts"] == 0 and result["metrics_still_served"]
+    assert result["control_answered"] == result["sent"]["control"] == result["counted"]["control"]
+    for name in ("ready", "credits", "beats"):
+        assert result["counted"][name] > 0.9 * result["sent"][name], result
+    assert result["tcp_loopback_only"] and result["unix_in_run_dir"] and result["run_dir_mode"] == "0o700"
+
+
+def test_tar_members_that_are_not_plain_relative_files_are_refused(tmp_path):
+    assert chaos.tar_shards(tmp_path) == {k: "refused" for k in ("dotdot", "symlink", "device", "absolute")}
+
+
+def test_truncated_checkpoints_never_load(tmp_path):
+    import torch
+
+    from alexnetd.model import AlexNet, PaperSGD, save_checkpoint
+
+    model = AlexNet(4)
+    optimizer = PaperSGD(model.parameters())
+    for step in (1, 2):
+        model(torch.randn(2, 3, 224, 224)).sum().backward()
+        optimizer.step()
+        save_checkpoint(tmp_path, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    assert chaos.truncated_checkpoints(tmp_path, 10)["partial_loads"] == 0
+
+
+def test_small_and_read_only_run_dirs_are_refused_in_one_line(prepared_data, tmp_path):
+    result = chaos.refusals(tmp_path, prepared_data)
+    if not result:
+        pytest.skip("cannot mount a tmpfs here")
+    assert result == {"full_disk_refused_one_line": True, "read_only_refused_one_line": True}
+
+
+def test_short_soak_leaves_nothing_behind(tmp_path):
+    result = chaos.soak(tmp_path, minutes=0.5, sample_every=10)
+    assert result["batches"] > 0
+    assert result["left_after_stop"] == [] and result["left_after_kill_start_stop"] == []
+    assert all(change <= 2 for change in result["fd_change"].values()), result
