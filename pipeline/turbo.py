@@ -8,7 +8,7 @@ call made per training image, the same library is called directly: one decompres
 per process, one header read, one decompress straight into the caller's buffer.
 Everything else about decoding stays in PyTurboJPEG.
 
-Errors follow PyTurboJPEG: libjpeg-turbo reports a damaged or truncated stream as a
+Errors follow PyTurboJPEG (and a failure replaces the handle, see _raise): libjpeg-turbo reports a damaged or truncated stream as a
 warning (return -1, error code TJERR_WARNING) and a hopeless one as a fatal error.
 """
 
@@ -46,10 +46,9 @@ class Decompressor:
         lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
         lib.tjGetErrorStr2.restype = ctypes.c_char_p
         lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
+        lib.tjDestroy.argtypes = [ctypes.c_void_p]
         self._lib = lib
-        self._handle = ctypes.c_void_p(lib.tjInitDecompress())
-        if not self._handle:
-            raise OSError("tjInitDecompress failed")
+        self._handle = self._new_handle()
         self._fields = [ctypes.c_int() for _ in range(4)]
         self._refs = [ctypes.byref(f) for f in self._fields]
 
@@ -67,6 +66,18 @@ class Decompressor:
                                    pixel_format, flags) != 0:
             self._raise()
 
+    def _new_handle(self) -> ctypes.c_void_p:
+        handle = ctypes.c_void_p(self._lib.tjInitDecompress())
+        if not handle:
+            raise OSError("tjInitDecompress failed")
+        return handle
+
     def _raise(self):
         message = self._lib.tjGetErrorStr2(self._handle).decode(errors="replace")
-        raise TurboError(message, self._lib.tjGetErrorCode(self._handle) == TJERR_WARNING)
+        warning = self._lib.tjGetErrorCode(self._handle) == TJERR_WARNING
+        # libjpeg-turbo 2.1 leaves a decompressor whose header read failed unusable: every
+        # later header read repeats the old error. A fresh handle per failure (rare) is
+        # the safe way back; tests/test_jpeg.py decodes a good image after each bad one.
+        self._lib.tjDestroy(self._handle)
+        self._handle = self._new_handle()
+        raise TurboError(message, warning)

@@ -134,9 +134,13 @@ def test_decode_into_skips_bad_prepared_images_with_a_reason(damage, reason):
     """The hot path (one persistent TurboJPEG handle, pipeline/turbo.py) names damage as
     PyTurboJPEG's path does, and a skipped image never raises anything else."""
     out = np.zeros((256, 256, 3), np.uint8)
+    decoder = Decoder(fast=True)
     with pytest.raises(SkipSample) as info:
-        Decoder(fast=True).decode_into(np.frombuffer(damage(jpeg(256, 256)), np.uint8), out)
+        decoder.decode_into(np.frombuffer(damage(jpeg(256, 256)), np.uint8), out)
     assert info.value.reason == reason
+    good = jpeg(256, 256)  # the same decoder (and its handle) still decodes a good image
+    decoder.decode_into(np.frombuffer(good, np.uint8), out)
+    assert np.array_equal(out, decoder.decode_rgb(good))
     with pytest.raises(SkipSample) as again:
         Decoder(fast=True).decode_rgb(damage(jpeg(256, 256)))
     assert again.value.reason == reason
