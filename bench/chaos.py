@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
+import pickle  # only to build the hostile payload we send; the daemon must never unpickle it
 import random
 import shutil
 import signal
