@@ -50,6 +50,8 @@ def _options(func):
         click.option("--gpus", type=click.Choice(["1", "2"]), help="2: the paper's two GPUs (model) or two replicas (data; two CPU processes with --device cpu) [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With 2 GPUs: the paper's towers (model) or DDP (data)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
+        click.option("--remote-augmenters", metavar="HOST:PORT",
+                     help="Listen here for remote augmenter hosts (CURVE keys: `alexnetd keys`) [off]."),
         click.option("--seed", type=int, help="[0]"),
         click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels, for exact reruns."),
         click.option("--bf16/--no-bf16", default=None, help="bf16 autocast on CUDA [on]."),
@@ -126,6 +128,8 @@ def preflight(config: Config, fresh: bool) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
+    if config.remote_augmenters:
+        _check_remote(config, world)
     if config.device == "cuda":
         import torch
 
@@ -134,7 +138,7 @@ def preflight(config: Config, fresh: bool) -> None:
                                        f"{torch.cuda.device_count()} CUDA device(s)")
     from alexnetd.pipeline.launch import default_augmenters, default_slots
 
-    slots = config.slots or default_slots(config.augmenters or default_augmenters())
+    slots = config.slots or default_slots(config.augmenters or default_augmenters(), bool(config.remote_augmenters))
     need = slots * config.batch_size * IMAGE * IMAGE * 3
     free = shutil.disk_usage("/dev/shm").free
     if need > free:
@@ -142,6 +146,28 @@ def preflight(config: Config, fresh: bool) -> None:
                                    "use fewer --slots or a smaller --batch-size")
     if not fresh:
         _check_resume(config, dataset)
+
+
+def _check_remote(config: Config, world: int) -> None:
+    """--remote-augmenters: the daemon's CURVE keypair exists (made now if not) and every
+    rank's port (PORT + rank) is free."""
+    from alexnetd.service.keys import KeyFileError, list_clients, server_keypair
+
+    try:
+        server_keypair(config.run_dir)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    host, port = parse_addr(config.remote_augmenters)
+    for rank in range(world):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
+            try:
+                probe.bind((host, port + rank))
+            except OSError as exc:
+                raise click.ClickException(f"cannot listen for remote augmenters on {host}:{port + rank}: "
+                                           f"{exc.strerror}") from None
+    if not any(row["state"] == "allowed" for row in list_clients(config.run_dir)):
+        click.echo(f"note: no remote augmenter keys yet; add one with `alexnetd keys --run-dir {config.run_dir} add NAME`")
 
 
 def _check_resume(config: Config, dataset) -> None:
@@ -197,6 +223,8 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
     click.echo(f"  logs     {log_path}")
     click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")
     click.echo(f"  metrics  {status['metrics_url']}")
+    if config.remote_augmenters:
+        click.echo(f"  remote   {config.remote_augmenters}  (alexnetd augment --connect HOST:PORT --key FILE)")
 
 
 def _wait_ready(run_dir: Path, proc: subprocess.Popen, log_path: Path) -> dict:

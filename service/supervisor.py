@@ -76,7 +76,7 @@ class Supervisor:
         self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
                       for rank in range(self.world)]
         self.n_augmenters = config.augmenters or default_augmenters()
-        self.slots = config.slots or default_slots(self.n_augmenters)
+        self.slots = config.slots or default_slots(self.n_augmenters, bool(config.remote_augmenters))
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.rank_endpoints = [self.endpoints] if self.world == 1 else [
             dataclasses.replace(Endpoints.in_dir(self._rank_dir(r)), beats=self.endpoints.beats) for r in range(self.world)]
@@ -91,6 +91,7 @@ class Supervisor:
         self.restart_times: dict[str, deque] = {s: deque() for s in STAGES}
         self.last_restart = 0.0
         self.skipped_retired: dict[str, int] = {}
+        self.remote_retired = {"images": {}, "refused": 0, "reissued": 0}  # of gateways that were replaced
         self.state = "starting"
         self.halt_reason: str | None = None
         self.stopping_since: float | None = None
@@ -241,7 +242,8 @@ class Supervisor:
 
     def _spawn_input(self, rank: int) -> None:
         stages = input_stages(self.config.data, self.rank_endpoints[rank].as_dict(), self.plans[rank], self.slots,
-                              self.rings[rank].name, self.n_augmenters, self.generations[rank])
+                              self.rings[rank].name, self.n_augmenters, self.generations[rank],
+                              remote=self._remote_cfg())
         for name, (target, cfg) in stages.items():
             self._spawn(self._name(name, rank), target, cfg)
 
@@ -275,6 +277,7 @@ class Supervisor:
         stage = _stage_of(name)
         for key in COUNTER_KEYS:
             self.retired[stage][key] += beat["counters"][key]
+        self._retire_remote(beat.get("remote"))
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
@@ -480,6 +483,7 @@ class Supervisor:
             "world_size": self.world,
             "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
             "halt_reason": self.halt_reason,
+            "remote_augmenters": self._remote_status(),
         }
 
     def _step_rate(self) -> float:
@@ -501,7 +505,39 @@ class Supervisor:
             "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
             "memory": trainer.get("memory"), "state": status["state"], "device": self.config.device,
+            "remote": status["remote_augmenters"],
         }
+
+    # -- remote augmenters (pipeline/remote.py): one gateway per rank, an augmenter to us
+
+    def _remote_cfg(self) -> dict | None:
+        if not self.config.remote_augmenters:
+            return None
+        return {"addr": self.config.remote_augmenters, "keys_dir": str(self.run_dir)}
+
+    def _retire_remote(self, remote: dict | None) -> None:
+        if remote:
+            for host, images in remote["images"].items():
+                self.remote_retired["images"][host] = self.remote_retired["images"].get(host, 0) + images
+            self.remote_retired["refused"] += remote["refused"]
+            self.remote_retired["reissued"] += remote["reissued"]
+
+    def _remote_status(self) -> dict | None:
+        """Connected hosts of every rank's gateway; counters summed over gateways past and present."""
+        if not self.config.remote_augmenters:
+            return None
+        out = {"hosts": [], "images": dict(self.remote_retired["images"]),
+               "refused": self.remote_retired["refused"], "reissued": self.remote_retired["reissued"]}
+        for name, beat in sorted(self.beats.items()):
+            remote = beat.get("remote")
+            if not remote:
+                continue
+            out["hosts"] += [dict(h, rank=_rank_of(name)) for h in remote["hosts"]]
+            for host, images in remote["images"].items():
+                out["images"][host] = out["images"].get(host, 0) + images
+            out["refused"] += remote["refused"]
+            out["reissued"] += remote["reissued"]
+        return out
 
     def _stage_history_line(self) -> None:
         """Every 10 s: per-stage rates into the history, and one progress line into the log."""
