@@ -189,9 +189,12 @@ class _Gateway:
         for sock in (self.router, self.zap, self.monitor):
             poller.register(sock, zmq.POLLIN)
         while not stop.stopping:
-            # Take a job from the loader only with none waiting here: a job held by a
-            # gateway that cannot place it is one the local augmenters could have done.
-            poller.register(self.jobs, 0 if self.pending else zmq.POLLIN)
+            # Take a job from the loader only when a worker can start it at once (or
+            # none is connected and it is decoded here): a job waiting in the gateway
+            # is one the local augmenters could have done, and a batch the trainer
+            # may wait for, in seq order, while later ones hold ring slots.
+            room = not self.workers or any(len(w.jobs) < w.prefetch for w in self.workers.values())
+            poller.register(self.jobs, zmq.POLLIN if room and not self.pending else 0)
             state = "busy" if self.pending or any(w.jobs for w in self.workers.values()) else "starved"
             with self.clock.timing(state):
                 events = dict(poller.poll(POLL_MS))
