@@ -27,7 +27,7 @@ from alexnetd.pipeline.plan import train_draws
 from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
-__all__ = ["run_augmenter", "augment_batch"]
+__all__ = ["run_augmenter", "augment_batch", "decode_batch", "ready_fields"]
 
 POLL_MS = 200
 
@@ -74,9 +74,16 @@ def run_augmenter(cfg: dict) -> None:
 
 def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int, clock: StageClock) -> dict:
     """Decode one job into its slot; return the 'ready' message's fields and arrays."""
-    blob, offsets, labels, indices = job.arrays
-    epoch, split, slot = job["epoch"], job["split"], job["slot"]
-    out = ring.view(slot)
+    kept, skipped = decode_batch(job, ring.view(job["slot"]), decoder, clock)
+    return ready_fields(job, kept, skipped, seed)
+
+
+def decode_batch(job: wire.Message, out: np.ndarray, decoder: Decoder, clock: StageClock) -> tuple[np.ndarray, list]:
+    """Decode a job's images into out[0..n): (positions kept in the job, [[index, reason]] skipped).
+
+    `out` is the job's ring slot here, or a remote host's own buffer (pipeline/remote.py):
+    the same code, so a batch's pixels do not depend on where it was decoded."""
+    blob, offsets, _labels, indices = job.arrays
     kept, skipped = [], []
     for i in range(len(indices)):
         try:
@@ -88,11 +95,17 @@ def augment_batch(job: wire.Message, ring: Ring, decoder: Decoder, seed: int, cl
             skipped.append([int(indices[i]), exc.reason])
             continue
         kept.append(i)
-    kept = np.asarray(kept, np.int64)
     clock.images += len(kept)
+    return np.asarray(kept, np.int64), skipped
+
+
+def ready_fields(job: wire.Message, kept: np.ndarray, skipped: list, seed: int) -> dict:
+    """The 'ready' message for a decoded job: labels, indices and, for training, the draws."""
+    _blob, _offsets, labels, indices = job.arrays
+    epoch, split = job["epoch"], job["split"]
     arrays = [np.ascontiguousarray(labels[kept]), np.ascontiguousarray(indices[kept])]
     if split == "train":
         draws = train_draws(seed, epoch, indices[kept])
         arrays += [draws.crops, draws.flips, draws.alphas]
-    return dict(arrays=arrays, epoch=epoch, seq=job["seq"], slot=slot, split=split, n=len(kept),
+    return dict(arrays=arrays, epoch=epoch, seq=job["seq"], slot=job["slot"], split=split, n=len(kept),
                 generation=job["generation"], skipped=skipped)

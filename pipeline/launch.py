@@ -33,11 +33,13 @@ from alexnetd.pipeline.stage import Endpoints
 __all__ = ["InputPipeline", "input_stages", "default_augmenters", "default_slots", "spawn_context"]
 
 spawn_context = multiprocessing.get_context("spawn")
+REMOTE_SLOTS = 4  # two remote workers' prefetch (pipeline/remote.py); --slots for more
 
 
-def default_slots(augmenters: int) -> int:
-    """A few slots per augmenter keep every augmenter busy while the trainer holds one."""
-    return max(3, 2 * augmenters + 2)
+def default_slots(augmenters: int, remote: bool = False) -> int:
+    """A few slots per augmenter keep every augmenter busy while the trainer holds one;
+    remote hosts get room for a few workers' prefetched jobs on top."""
+    return max(3, 2 * augmenters + 2) + (REMOTE_SLOTS if remote else 0)
 
 
 def default_augmenters(ranks: int = 1) -> int:
@@ -49,14 +51,23 @@ def default_augmenters(ranks: int = 1) -> int:
 
 
 def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, augmenters: int,
-                 generation: int, max_pixels: int | None = None) -> dict:
-    """name -> (entry point, config) of every input process of one generation."""
+                 generation: int, max_pixels: int | None = None, remote: dict | None = None) -> dict:
+    """name -> (entry point, config) of every input process of one generation.
+
+    With `remote` ({addr, keys_dir, host_timeout}) one more "augmenter", the gateway to
+    remote hosts (pipeline/remote.py), named after the local ones so that the
+    supervisor watches and restarts it as one of them."""
     common = dict(endpoints=endpoints, batch=plan.batch, seed=plan.seed, slots=slots)
     stages = {"loader": (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
                                           world=plan.world, generation=generation))}
     for i in range(augmenters):
         stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i,
                                                          max_pixels=max_pixels, rank=plan.rank))
+    if remote:
+        from alexnetd.pipeline.remote import run_gateway
+
+        stages[f"augmenter-{augmenters}"] = (run_gateway, dict(common, ring=ring, index=augmenters, rank=plan.rank,
+                                                               remote=remote))
     return stages
 
 
@@ -64,14 +75,15 @@ class InputPipeline:
     def __init__(self, data, run_dir, batch: int = 128, augmenters: int | None = None,
                  slots: int | None = None, seed: int = 0, val_every: int = 1, start=(0, 0),
                  device: str = "cpu", rank: int = 0, world: int = 1, beats: bool = True,
-                 max_pixels: int | None = None, decoder: str = "cpu"):
+                 max_pixels: int | None = None, decoder: str = "cpu", remote: dict | None = None):
         self.data, self.run_dir = str(data), Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dataset = open_dataset(self.data)
         threads = augmenters or default_augmenters()
         # decoder="dali": no augmenter processes, DALI decodes in a thread of this process.
         self.n_augmenters = 0 if decoder == "dali" else threads
-        self.slots = slots or default_slots(max(1, self.n_augmenters))
+        self.remote = remote
+        self.slots = slots or default_slots(max(1, self.n_augmenters), bool(remote))
         self.plan = BatchPlan.for_dataset(self.dataset, batch, seed, val_every, rank, world)
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
@@ -109,7 +121,7 @@ class InputPipeline:
     def start_input(self) -> None:
         stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
                               self.n_augmenters, self.generation,
-                              self.max_pixels)
+                              self.max_pixels, self.remote)
         for name, (target, cfg) in stages.items():
             proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{name}", daemon=True)
             proc.start()

@@ -27,6 +27,7 @@ VERSION = 1
 KINDS = frozenset({
     "job",      # loader -> augmenter: raw JPEG bytes of one batch, to decode into slot k
     "ready",    # augmenter -> feed: batch seq is in slot k (labels, crops, flips, alphas)
+    "pixels",   # remote augmenter -> gateway: a job's decoded uint8 images (pipeline/remote.py)
     "hello",    # loader -> feed: a new loader generation asks where to start
     "sync",     # feed -> loader: start at (epoch, seq); these slots are free
     "credit",   # feed -> loader: slot k is free again

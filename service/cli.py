@@ -22,6 +22,8 @@ COMMANDS = {
     "report": ("alexnetd.service.report", "report", "Write PNG plots and an HTML page about a run."),
     "eval": ("alexnetd.service.evalcmds", "eval_command", "Top-1/top-5 error of one network or an ensemble of them."),
     "predict": ("alexnetd.service.evalcmds", "predict_command", "The most probable classes of images, with probabilities."),
+    "keys": ("alexnetd.service.remotecmds", "keys", "Add, list or revoke the keys of remote augmenter hosts."),
+    "augment": ("alexnetd.service.remotecmds", "augment", "Decode batches for a daemon on another host (a remote augmenter)."),
 }
 
 

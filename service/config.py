@@ -59,6 +59,7 @@ class Config:
     dtype: str = "float32"           # float32 | float64: the weights' and inputs' type
     channels_last: bool = True       # CUDA only
     metrics_addr: str = "127.0.0.1:9464"
+    remote_augmenters: str = ""      # HOST:PORT for remote augmenter hosts (CURVE); "" listens nowhere
     log_every: int = 10              # steps between history/log lines
     heartbeat_timeout: float = 30.0  # seconds without a beat before a stage counts as hung
     restart_limit: int = 5           # restarts of one stage per 10 minutes before giving up
@@ -100,6 +101,8 @@ class Config:
             if not ok:
                 raise ConfigError(message)
         parse_addr(self.metrics_addr)
+        if self.remote_augmenters:
+            parse_addr(self.remote_augmenters, "remote_augmenters")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,11 +116,11 @@ def world_size(config: Config) -> int:
     return config.gpus if config.parallel == "data" else 1
 
 
-def parse_addr(addr: str) -> tuple[str, int]:
+def parse_addr(addr: str, what: str = "metrics_addr") -> tuple[str, int]:
     """'HOST:PORT' -> (host, port)."""
     host, sep, port = str(addr).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics_addr {addr!r} is not HOST:PORT")
+        raise ConfigError(f"{what} {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 

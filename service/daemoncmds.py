@@ -68,6 +68,8 @@ def _options(func):
         click.option("--gpus", type=GPUS, metavar="N|all", help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With several GPUs: the paper's two towers (model, exactly 2) or DDP ranks (data, any N)."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
+        click.option("--remote-augmenters", metavar="HOST:PORT",
+                     help="Listen here for remote augmenter hosts (CURVE keys: `alexnetd keys`) [off]."),
         click.option("--seed", type=int, help="[0]"),
         click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels, for exact reruns."),
         click.option("--bf16/--no-bf16", default=None, help="bf16 autocast on CUDA [on]."),
@@ -168,6 +170,8 @@ def preflight(config: Config, fresh: bool) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
+    if config.remote_augmenters:
+        _check_remote(config, world)
     if config.device == "cuda":
         import torch
 
@@ -176,7 +180,7 @@ def preflight(config: Config, fresh: bool) -> None:
                                        f"{torch.cuda.device_count()} CUDA device(s)")
     from alexnetd.pipeline.launch import default_augmenters, default_slots
 
-    slots = config.slots or default_slots(config.augmenters or default_augmenters(world))
+    slots = config.slots or default_slots(config.augmenters or default_augmenters(world), bool(config.remote_augmenters))
     need = world * slots * config.batch_size * IMAGE * IMAGE * 3  # one ring per rank
     free = shutil.disk_usage("/dev/shm").free
     if need > free:
@@ -207,6 +211,28 @@ def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> Non
             f"run directory {config.run_dir}: {free / 2**20:.0f} MiB free, but {config.keep_checkpoints + 1} "
             f"checkpoints of {one / 2**20:.0f} MiB need {need / 2**20:.0f} MiB "
             f"(the {config.keep_checkpoints} kept and the one being written); free space{hint}")
+
+
+def _check_remote(config: Config, world: int) -> None:
+    """--remote-augmenters: the daemon's CURVE keypair exists (made now if not) and every
+    rank's port (PORT + rank) is free."""
+    from alexnetd.service.keys import KeyFileError, list_clients, server_keypair
+
+    try:
+        server_keypair(config.run_dir)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    host, port = parse_addr(config.remote_augmenters)
+    for rank in range(world):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
+            try:
+                probe.bind((host, port + rank))
+            except OSError as exc:
+                raise click.ClickException(f"cannot listen for remote augmenters on {host}:{port + rank}: "
+                                           f"{exc.strerror}") from None
+    if not any(row["state"] == "allowed" for row in list_clients(config.run_dir)):
+        click.echo(f"note: no remote augmenter keys yet; add one with `alexnetd keys --run-dir {config.run_dir} add NAME`")
 
 
 def _check_resume(config: Config, dataset) -> None:
@@ -262,6 +288,8 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
     click.echo(f"  logs     {log_path}")
     click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")
     click.echo(f"  metrics  {status['metrics_url']}")
+    if config.remote_augmenters:
+        click.echo(f"  remote   {config.remote_augmenters}  (alexnetd augment --connect HOST:PORT --key FILE)")
 
 
 def _wait_ready(run_dir: Path, proc: subprocess.Popen, log_path: Path) -> dict:

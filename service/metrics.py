@@ -43,6 +43,10 @@ EXPORTED_METRICS = (
     "alexnetd_memory_bytes",
     "alexnetd_state",
     "alexnetd_info",
+    "alexnetd_remote_augmenter_images_total",
+    "alexnetd_remote_augmenter_workers",
+    "alexnetd_remote_refused_connections_total",
+    "alexnetd_remote_reissued_batches_total",
 )
 
 
@@ -53,7 +57,8 @@ class DaemonCollector(Collector):
                 "ring_slots_in_use", "reorder"}, ...] (one per data-parallel rank, in rank order),
      "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
-     "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda", "checkpoint_failures": int}"""
+     "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda", "checkpoint_failures": int,
+     "remote": {"hosts": [{"host", "workers", ...}], "images": {host: n}, "refused", "reissued"} | None}"""
 
     def __init__(self, snapshot):
         self.snapshot = snapshot
@@ -124,6 +129,31 @@ class DaemonCollector(Collector):
         for name in STATES:
             state.add_metric([name], 1.0 if s["state"] == name else 0.0)
         yield state
+        yield from _remote(s.get("remote"))
+
+
+def _remote(remote: dict | None):
+    """Remote augmenter hosts, labelled by the name of the key each authenticated with."""
+    remote = remote or {"hosts": [], "images": {}, "refused": 0, "reissued": 0}
+    images = CounterMetricFamily("alexnetd_remote_augmenter_images", "Images decoded by a remote augmenter host.",
+                                 labels=["host"])
+    for host, count in sorted(remote["images"].items()):
+        images.add_metric([host], float(count))
+    yield images
+    workers = GaugeMetricFamily("alexnetd_remote_augmenter_workers", "Connected workers of a remote augmenter host.",
+                                labels=["host"])
+    per_host: dict = {}
+    for row in remote["hosts"]:
+        per_host[row["host"]] = per_host.get(row["host"], 0) + row["workers"]
+    for host, count in sorted(per_host.items()):
+        workers.add_metric([host], float(count))
+    yield workers
+    yield CounterMetricFamily("alexnetd_remote_refused_connections",
+                              "Remote augmenter connections refused (unknown or revoked key, failed handshake).",
+                              value=float(remote["refused"]))
+    yield CounterMetricFamily("alexnetd_remote_reissued_batches",
+                              "Batches taken back from a remote host that died or went silent, and made again.",
+                              value=float(remote["reissued"]))
 
 
 def _gauge(name: str, doc: str, value) -> GaugeMetricFamily:

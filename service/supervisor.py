@@ -77,7 +77,7 @@ class Supervisor:
                       for rank in range(self.world)]
         # --decoder dali: no augmenter processes; DALI decodes in each trainer process.
         self.n_augmenters = 0 if config.decoder == "dali" else config.augmenters or default_augmenters(self.world)  # per rank
-        self.slots = config.slots or default_slots(max(1, self.n_augmenters))
+        self.slots = config.slots or default_slots(max(1, self.n_augmenters), bool(config.remote_augmenters))
         self.endpoints = Endpoints.in_dir(self.run_dir)
         self.rank_endpoints = [self.endpoints] if self.world == 1 else [
             dataclasses.replace(Endpoints.in_dir(self._rank_dir(r)), beats=self.endpoints.beats) for r in range(self.world)]
@@ -95,6 +95,7 @@ class Supervisor:
         self.skipped_retired: dict[str, int] = {}
         self.checkpoint_failures_retired = 0
         self.malformed = {"beats": 0, "control": 0}  # frames refused on the supervisor's own sockets
+        self.remote_retired = {"images": {}, "refused": 0, "reissued": 0}  # of gateways that were replaced
         self.state = "starting"
         self.halt_reason: str | None = None
         self.stopping_since: float | None = None
@@ -252,7 +253,8 @@ class Supervisor:
 
     def _spawn_input(self, rank: int) -> None:
         stages = input_stages(self.config.data, self.rank_endpoints[rank].as_dict(), self.plans[rank], self.slots,
-                              self.rings[rank].name, self.n_augmenters, self.generations[rank])
+                              self.rings[rank].name, self.n_augmenters, self.generations[rank],
+                              remote=self._remote_cfg())
         for name, (target, cfg) in stages.items():
             self._spawn(self._name(name, rank), target, cfg)
 
@@ -286,6 +288,7 @@ class Supervisor:
         stage, retired = _stage_of(name), self.retired[_rank_of(name)]
         for key in COUNTER_KEYS:
             retired[stage][key] += beat["counters"][key]
+        self._retire_remote(beat.get("remote"))
         if stage == "trainer":
             for reason, count in (beat.get("skipped") or {}).items():
                 self.skipped_retired[reason] = self.skipped_retired.get(reason, 0) + count
@@ -522,6 +525,7 @@ class Supervisor:
             "slowest_rank": _slowest(ranks),
             "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
             "halt_reason": self.halt_reason,
+            "remote_augmenters": self._remote_status(),
         }
 
     def _ranks(self) -> list[dict]:
@@ -568,7 +572,39 @@ class Supervisor:
             "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),
             "memory": memory or None, "state": status["state"], "device": self.config.device,
             "checkpoint_failures": status["checkpoint_failures"],
+            "remote": status["remote_augmenters"],
         }
+
+    # -- remote augmenters (pipeline/remote.py): one gateway per rank, an augmenter to us
+
+    def _remote_cfg(self) -> dict | None:
+        if not self.config.remote_augmenters:
+            return None
+        return {"addr": self.config.remote_augmenters, "keys_dir": str(self.run_dir)}
+
+    def _retire_remote(self, remote: dict | None) -> None:
+        if remote:
+            for host, images in remote["images"].items():
+                self.remote_retired["images"][host] = self.remote_retired["images"].get(host, 0) + images
+            self.remote_retired["refused"] += remote["refused"]
+            self.remote_retired["reissued"] += remote["reissued"]
+
+    def _remote_status(self) -> dict | None:
+        """Connected hosts of every rank's gateway; counters summed over gateways past and present."""
+        if not self.config.remote_augmenters:
+            return None
+        out = {"hosts": [], "images": dict(self.remote_retired["images"]),
+               "refused": self.remote_retired["refused"], "reissued": self.remote_retired["reissued"]}
+        for name, beat in sorted(self.beats.items()):
+            remote = beat.get("remote")
+            if not remote:
+                continue
+            out["hosts"] += [dict(h, rank=_rank_of(name)) for h in remote["hosts"]]
+            for host, images in remote["images"].items():
+                out["images"][host] = out["images"].get(host, 0) + images
+            out["refused"] += remote["refused"]
+            out["reissued"] += remote["reissued"]
+        return out
 
     def _stage_history_line(self) -> None:
         """Every 10 s: per-stage rates into the history, and one progress line into the log."""

@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -176,14 +177,23 @@ RANKS = 2  # the daemon below trains as two data-parallel CPU replicas, so rank 
 def daemon_metrics_url(prepared_data, tmp_path_factory):
     """"127.0.0.1:PORT" of a real daemon training on fake shards, once it has taken
     steps, validated and written a checkpoint, so every panel has something to show."""
-    run_dir, port = tmp_path_factory.mktemp("dashboard") / "run", free_port()
+    run_dir, port, remote_port = tmp_path_factory.mktemp("dashboard") / "run", free_port(), free_port()
     cli(*start_args(prepared_data, run_dir, port, "--checkpoint-every", 0.05, "--gpus", RANKS,
-                    "--parallel", "data", "--augmenters", 1, "--device", "cpu"), check=True)
+                    "--parallel", "data", "--augmenters", 1, "--device", "cpu",
+                    "--remote-augmenters", f"127.0.0.1:{remote_port}"), check=True)
+    # One remote augmenter host (it joins rank 0's gateway), so that its per-host series exist too.
+    key = run_dir.parent / "cpu-host.key"
+    cli("keys", "--run-dir", run_dir, "add", "cpu-host", "--out", key, check=True)
+    remote = subprocess.Popen([sys.executable, "-m", "alexnetd", "augment", "--connect", f"127.0.0.1:{remote_port}",
+                               "--key", str(key)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (s := status(run_dir)) and s["validation"] and s["checkpoint"], timeout=300,
-                 what="a validation and a checkpoint")
+        wait_for(lambda: (s := status(run_dir)) and s["validation"] and s["checkpoint"]
+                 and s["remote_augmenters"]["images"].get("cpu-host"), timeout=300,
+                 what="a validation, a checkpoint and a remote host's images")
         yield f"127.0.0.1:{port}"
     finally:
+        remote.kill()
+        remote.wait()
         cli("stop", "--run-dir", run_dir)
 
 
