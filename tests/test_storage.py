@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -32,8 +33,19 @@ def small_fs(path, size_bytes):
 
 
 def ballast(path, leave_free: int) -> None:
-    """Fill the filesystem of `path` until `leave_free` bytes are left, as another writer would."""
-    st = os.statvfs(path.parent)
+    """Fill the filesystem of `path` until `leave_free` bytes are left, as another writer would.
+
+    Measured while no checkpoint is being written: a temp file half-written (and the old
+    checkpoint it is about to replace) would make the disk look fuller than it will be a
+    moment later, and the fill too small to make the next write fail."""
+    def writing() -> bool:
+        return any(path.parent.rglob(".ckpt-*"))
+
+    for _ in range(200):
+        st = os.statvfs(path.parent)
+        if not writing():
+            break
+        time.sleep(0.05)
     size = st.f_bavail * st.f_frsize - leave_free
     with open(path, "wb") as fh:
         os.posix_fallocate(fh.fileno(), 0, size)
