@@ -151,7 +151,7 @@ class _Gateway:
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.monitor = self.router.get_monitor_socket(HANDSHAKE_FAILED)
-        self.endpoint, ipv6 = remote_endpoint(remote["addr"], cfg.get("rank", 0))
+        self.endpoint, ipv6 = remote_endpoint(remote["addr"], cfg.get("rank", 0) - remote.get("first_rank", 0))
         self.router.ipv6 = ipv6
         self._bind()
         self.clock = StageClock()

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_addr", "resolve_device", "world_size"]
+__all__ = ["Config", "ConfigError", "load_config", "group_size", "parse_addr", "resolve_device", "world_size"]
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,11 @@ class Config:
     device: str = "auto"             # auto (CUDA when a device is visible, else cpu) | cpu | cuda
     gpus: int = 1                    # devices; 2 as the paper's two GPUs, N >= 2 ranks with parallel data
     parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP, any N)
+    # -- many machines (service/group.py): one daemon per node, each with its --gpus ----
+    nodes: int = 1                   # daemons in the group; world = nodes x gpus
+    node_rank: int = 0               # this node's place: global rank = node_rank x gpus + local rank
+    rendezvous: str = ""             # HOST:PORT of node 0's c10d TCPStore; "" on one node (the loopback)
+    rendezvous_timeout: float = 300.0  # seconds a node or rank waits for its peers: to join, and in a collective
     bf16: bool = True                # CUDA only: bf16 autocast (fp32 when off)
     # float64 is for exactness checks, not training: it makes the differences that
     # summation order alone causes (one process against all-reduced ranks, one CPU
@@ -93,6 +98,13 @@ class Config:
             # N CPU replicas (gloo) exercise the data-parallel path on a machine without GPUs.
             (self.gpus == 1 or self.device == "cuda" or self.parallel == "data",
              "gpus 2 with parallel model needs device cuda"),
+            (self.nodes >= 1, "nodes must be >= 1"),
+            (0 <= self.node_rank < self.nodes, f"node_rank {self.node_rank} is not in 0..{self.nodes - 1} (--nodes {self.nodes})"),
+            (self.nodes == 1 or self.rendezvous, f"--nodes {self.nodes} needs --rendezvous HOST:PORT (node 0's address; "
+                                                 "or MASTER_ADDR and MASTER_PORT)"),
+            (self.nodes == 1 or self.parallel == "data" or self.gpus == 1,
+             "several nodes train data parallel: use --parallel data (the paper's two towers live on one node)"),
+            (self.rendezvous_timeout > 0, "rendezvous_timeout must be > 0"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.heartbeat_timeout > 0, "heartbeat_timeout must be > 0"),
             (self.restart_limit >= 0, "restart_limit must be >= 0"),
@@ -103,6 +115,8 @@ class Config:
         parse_addr(self.metrics_addr)
         if self.remote_augmenters:
             parse_addr(self.remote_augmenters, "remote_augmenters")
+        if self.rendezvous:
+            parse_addr(self.rendezvous, "rendezvous")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,8 +126,13 @@ class Config:
 
 
 def world_size(config: Config) -> int:
-    """Data-parallel ranks: one per device with parallel data, else one process."""
+    """This node's data-parallel ranks: one per device with parallel data, else one process."""
     return config.gpus if config.parallel == "data" else 1
+
+
+def group_size(config: Config) -> int:
+    """Ranks of the whole group: every node's ranks (all nodes have the same count)."""
+    return config.nodes * world_size(config)
 
 
 def parse_addr(addr: str, what: str = "metrics_addr") -> tuple[str, int]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import click
 
-from alexnetd.service.config import Config, ConfigError, load_config, parse_addr, resolve_device, world_size
+from alexnetd.service.config import (Config, ConfigError, group_size, load_config, parse_addr, resolve_device,
+                                     world_size)
 from alexnetd.service.control import NotRunning, PidFile, request
 from alexnetd.service.paths import default_run_dir
 
@@ -67,6 +68,10 @@ def _options(func):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when a device is visible, else the CPU [auto]."),
         click.option("--gpus", type=GPUS, metavar="N|all", help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With several GPUs: the paper's two towers (model, exactly 2) or DDP ranks (data, any N)."),
+        click.option("--nodes", type=click.IntRange(min=1), help="Daemons in a multi-node group, one per node [$NNODES, $SLURM_NNODES or $WORLD_SIZE; 1]."),
+        click.option("--node-rank", type=click.IntRange(min=0), help="This node's place in the group, 0 hosts the rendezvous [$NODE_RANK or $SLURM_NODEID; 0]."),
+        click.option("--rendezvous", metavar="HOST:PORT", help="Node 0's address for the group's c10d store [$MASTER_ADDR:$MASTER_PORT]."),
+        click.option("--rendezvous-timeout", type=float, help="Seconds to wait for the other nodes and ranks, to join and in any collective [300]."),
         click.option("--metrics-addr", help="HOST:PORT of /metrics [127.0.0.1:9464]."),
         click.option("--remote-augmenters", metavar="HOST:PORT",
                      help="Listen here for remote augmenter hosts (CURVE keys: `alexnetd keys`) [off]."),
@@ -87,8 +92,33 @@ def _run_dir_option(func):
                         help=f"Run directory [$ALEXNETD_RUN_DIR or {default_run_dir()}].")(func)
 
 
+# What launchers set (torchrun, SLURM, most MPI-style schedulers) when they start one
+# alexnetd per node; a flag wins, and these win over a config file (they are per node).
+LAUNCHER_ENV = {
+    "nodes": ("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "WORLD_SIZE"),
+    "node_rank": ("NODE_RANK", "SLURM_NODEID", "GROUP_RANK", "RANK"),
+}
+
+
+def launcher_defaults(flags: dict, env=os.environ) -> dict:
+    """--nodes, --node-rank and --rendezvous from a launcher's variables where not given."""
+    out = dict(flags)
+    for key, names in LAUNCHER_ENV.items():
+        name = next((n for n in names if env.get(n)), None)
+        if out.get(key) is None and name is not None:
+            if not env[name].isdigit():
+                raise ConfigError(f"${name} is {env[name]!r}, not a number (it gives --{key.replace('_', '-')})")
+            out[key] = int(env[name])
+    if out.get("rendezvous") is None and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        host = env["MASTER_ADDR"]
+        out["rendezvous"] = f"[{host}]:{env['MASTER_PORT']}" if ":" in host else f"{host}:{env['MASTER_PORT']}"
+    return out
+
+
 def resolve_config(data, run_dir, config_file, **flags) -> Config:
-    """Defaults <- --config <- flags, with paths made absolute. ConfigError on mistakes."""
+    """Defaults <- --config <- launcher variables <- flags, with paths made absolute.
+    ConfigError on mistakes."""
+    flags = launcher_defaults(flags)
     if flags.get("val_crops") is not None:
         flags["val_crops"] = int(flags["val_crops"])
     every_gpu = flags.get("gpus") == "all"
@@ -147,9 +177,10 @@ def preflight(config: Config, fresh: bool) -> None:
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
     world = world_size(config)
-    if n_train < config.batch_size * world:
+    if n_train < config.batch_size * group_size(config):
         raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of "
-                                   f"{config.batch_size}" + (f" for each of {world} ranks" if world > 1 else ""))
+                                   f"{config.batch_size}" + (f" for each of {group_size(config)} ranks"
+                                                             if group_size(config) > 1 else ""))
     run_dir = Path(config.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -172,6 +203,8 @@ def preflight(config: Config, fresh: bool) -> None:
             raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
     if config.remote_augmenters:
         _check_remote(config, world)
+    if config.nodes > 1 and config.node_rank == 0:
+        _check_rendezvous(config.rendezvous)
     if config.device == "cuda":
         import torch
 
@@ -211,6 +244,18 @@ def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> Non
             f"run directory {config.run_dir}: {free / 2**20:.0f} MiB free, but {config.keep_checkpoints + 1} "
             f"checkpoints of {one / 2**20:.0f} MiB need {need / 2**20:.0f} MiB "
             f"(the {config.keep_checkpoints} kept and the one being written); free space{hint}")
+
+
+def _check_rendezvous(addr: str) -> None:
+    """Node 0 serves the group's store on --rendezvous: it must be one of its addresses."""
+    host, port = parse_addr(addr, "rendezvous")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(f"node 0 cannot listen for the rendezvous on {addr}: {exc.strerror} "
+                                       "(--rendezvous on node 0 must be its own address, and the port free)") from None
 
 
 def _check_remote(config: Config, world: int) -> None:
@@ -283,7 +328,14 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(args, stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     status = _wait_ready(run_dir, proc, log_path)
-    click.echo(f"alexnetd is {status['state']} (pid {proc.pid})")
+    group = status.get("group")
+    if status["state"] == "rendezvous" and group:
+        click.echo(f"alexnetd is waiting for the other nodes (pid {proc.pid})")
+        click.echo(f"  group    node {group['node_rank']} of {group['nodes']}, ranks "
+                   f"{group['ranks'][0]}-{group['ranks'][-1]} of {group['world_size']}, rendezvous {group['rendezvous']} "
+                   f"(gives up after {config.rendezvous_timeout:.0f} s)")
+    else:
+        click.echo(f"alexnetd is {status['state']} (pid {proc.pid})")
     click.echo(f"  device   {device_line}")
     click.echo(f"  logs     {log_path}")
     click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")

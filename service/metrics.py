@@ -17,7 +17,7 @@ from alexnetd.pipeline.stage import STAGES
 
 __all__ = ["DaemonCollector", "EXPORTED_METRICS", "STATES"]
 
-STATES = ("starting", "training", "validating", "stopping", "degraded")
+STATES = ("starting", "rendezvous", "training", "validating", "stopping", "degraded")
 
 EXPORTED_METRICS = (
     "alexnetd_stage_images_total",
@@ -76,7 +76,8 @@ class DaemonCollector(Collector):
         ]
         for name, doc, key, family in per_rank_stage:
             metric = family(name, doc, labels=["stage", "rank"])
-            for rank, view in enumerate(s["ranks"]):
+            for index, view in enumerate(s["ranks"]):
+                rank = view.get("rank", index)  # global: unique across the nodes of a group
                 for stage in STAGES:
                     metric.add_metric([stage, str(rank)], float(view["stages"][stage][key]))
             yield metric
@@ -89,7 +90,8 @@ class DaemonCollector(Collector):
         yield _gauge("alexnetd_ring_slots", "Batch slots in the shared-memory ring (of each rank).", s["ring_slots"])
         in_use = GaugeMetricFamily("alexnetd_ring_slots_in_use", "Slots holding a batch being built or trained on.", labels=["rank"])
         reorder = GaugeMetricFamily("alexnetd_reorder_buffer_batches", "Batches waiting for their turn at the trainer.", labels=["rank"])
-        for rank, view in enumerate(s["ranks"]):
+        for index, view in enumerate(s["ranks"]):
+            rank = view.get("rank", index)
             in_use.add_metric([str(rank)], float(view["ring_slots_in_use"]))
             reorder.add_metric([str(rank)], float(view["reorder"]))
         yield in_use

@@ -29,6 +29,13 @@ def render_status(s: dict) -> str:
         f"  training    {s['images_per_second']:.1f} images/s, loss {_num(s['loss'])}, "
         f"learning rate {_num(s['learning_rate'])}",
     ]
+    group = s.get("group")
+    if group:
+        missing = group.get("lost") or (f"missing node{'s' if len(group['missing']) > 1 else ''} "
+                                        f"{', '.join(map(str, group['missing']))}" if group["missing"] else "all present")
+        lines.append(f"  group       node {group['node_rank']} of {group['nodes']} (ranks "
+                     f"{group['ranks'][0]}-{group['ranks'][-1]} of {group['world_size']}), rendezvous "
+                     f"{group['rendezvous']}, round {group['round']}; {missing}")
     val = s.get("validation")
     lines.append("  validation  " + ("none yet" if not val else
                  f"top-1 error {val['top1_error']:.2%}, top-5 error {val['top5_error']:.2%} "

@@ -41,8 +41,9 @@ from alexnetd.pipeline.launch import default_augmenters, default_slots, input_st
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints
-from alexnetd.service.config import Config, parse_addr, resolve_device, world_size
+from alexnetd.service.config import Config, group_size, parse_addr, resolve_device, world_size
 from alexnetd.service.control import PidFile, control_endpoint
+from alexnetd.service.group import GroupError, GroupLost, NodeGroup
 from alexnetd.service.history import History
 from alexnetd.service.metrics import DaemonCollector
 
@@ -72,9 +73,22 @@ class Supervisor:
         dataset = open_dataset(config.data)
         # Data parallel: one trainer per device, each with its own input side (ring,
         # sockets, loader, augmenters) reading every world-th batch.
-        self.world = world_size(config)
-        self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every, rank, self.world)
-                      for rank in range(self.world)]
+        self.world = world_size(config)          # this node's ranks
+        # Many machines (service/group.py): this node's ranks are global ranks
+        # first_rank .. first_rank + world - 1 of every node's ranks together.
+        self.first_rank = config.node_rank * self.world
+        self.group_world = group_size(config)
+        self.plans = [BatchPlan.for_dataset(dataset, config.batch_size, config.seed, config.val_every,
+                                            self.first_rank + rank, self.group_world) for rank in range(self.world)]
+        self.group = None
+        if self.group_world > 1:
+            # One node with several ranks is a group of one, met on a free loopback port.
+            addr = config.rendezvous if config.nodes > 1 else f"127.0.0.1:{_free_port()}"
+            self.group = NodeGroup(addr, config.nodes, config.node_rank, self.world, config.rendezvous_timeout,
+                                   {"host": socket.gethostname(), "pid": os.getpid(), "fingerprint": dataset.fingerprint,
+                                    "batch": config.batch_size, "seed": config.seed, "dtype": config.dtype})
+        self.round = 0              # the group's round this node's trainers belong to
+        self.group_lost: str | None = None
         # --decoder dali: no augmenter processes; DALI decodes in each trainer process.
         self.n_augmenters = 0 if config.decoder == "dali" else config.augmenters or default_augmenters(self.world)  # per rank
         self.slots = config.slots or default_slots(max(1, self.n_augmenters), bool(config.remote_augmenters))
@@ -144,13 +158,20 @@ class Supervisor:
             log.info("training on %s, %s", self.config.device,
                      "decoding with DALI in the trainer" if self.config.decoder == "dali"
                      else f"{self.n_augmenters} augmenter(s) per rank")
-            self._spawn_trainers(resume=not self.fresh)
-            for rank in range(self.world):
-                self._spawn_input(rank)
+            if self.group is None:
+                self._launch()
+            elif self.config.node_rank == 0:
+                try:
+                    self.group.listen()
+                except GroupError as exc:
+                    raise Halt(str(exc)) from None
+                log.info("waiting for %d node(s) at the rendezvous %s", self.config.nodes, self.group.addr)
             code = self._loop(wakeup_r)
         except Halt as exc:
             self.halt_reason = str(exc)
             log.error("halting: %s", exc)
+            if self.group is not None and not str(exc).startswith("the group stopped"):
+                self.group.post_halt(str(exc))
             self.history.write("event", event="halt", reason=str(exc))
             code = 1
         finally:
@@ -168,6 +189,8 @@ class Supervisor:
                 for address in ends.as_dict().values():
                     if address.startswith("ipc://"):
                         Path(address[len("ipc://"):]).unlink(missing_ok=True)
+            if self.group is not None:
+                self.group.close()
             self.history.write("event", event="daemon-stop", code=code)
             self.history.close()
             os.close(wakeup_r)
@@ -184,6 +207,7 @@ class Supervisor:
             if wakeup_r in events:
                 os.read(wakeup_r, 512)
             self._drain_beats()
+            self._follow_group()
             if self.control in events:
                 self._answer()
             if self.stop_now:
@@ -207,6 +231,39 @@ class Supervisor:
             if self.stopping_since is not None and time.monotonic() - self.stopping_since > STOP_TIMEOUT:
                 log.error("trainer did not stop within %.0f s; killing it", STOP_TIMEOUT)
                 return 1
+
+    def _launch(self) -> None:
+        self._spawn_trainers(resume=not self.fresh)
+        for rank in range(self.world):
+            self._spawn_input(rank)
+
+    def _follow_group(self) -> None:
+        """Form the group, then follow it: another node ending the round restarts ours;
+        a node that gave up stops us too."""
+        if self.group is None or self.stopping_since is not None or self.group_lost:
+            return
+        try:
+            if not self.group.formed:
+                if self.group.poll_formation():
+                    self.round = self.group.round()
+                    log.info("group formed: %d node(s), %d ranks; this node has ranks %d-%d (round %d)",
+                             self.config.nodes, self.group_world, self.first_rank, self.first_rank + self.world - 1,
+                             self.round)
+                    self.history.write("event", event="group-formed", round=self.round, nodes=self.config.nodes)
+                    self._launch()
+                return
+            trainer = self.beats.get(self._name("trainer", 0), {})
+            self.group.beat(self.state, trainer.get("step", 0))
+            current = self.group.round()
+            if current > self.round:
+                self._restart("trainer", f"the group restarts ({self.group.reason(current - 1)})", follow=current)
+        except GroupLost as exc:
+            # Node 0 is gone. At the end of a run that is just its exit; otherwise this
+            # node's trainers fail in their next collective, and the restart says why.
+            self.group_lost = str(exc)
+            log.warning("%s", exc)
+        except GroupError as exc:
+            raise Halt(str(exc)) from None
 
     def _begin_stop(self, why: str) -> None:
         if self.stopping_since is not None:
@@ -246,10 +303,10 @@ class Supervisor:
         from alexnetd.service.trainer import run_trainer
 
         (self.run_dir / "halt.json").unlink(missing_ok=True)
-        rendezvous = _free_port() if self.world > 1 else 0  # torch.distributed's, on the loopback
         for rank in range(self.world):
+            group = self.group.trainer_args(self.round, rank) if self.group is not None else None
             self._spawn(self._name("trainer", rank), run_trainer, self.config.to_dict(), self.rings[rank].name,
-                        self.slots, self.rank_endpoints[rank].as_dict(), resume, rank, self.world, rendezvous)
+                        self.slots, self.rank_endpoints[rank].as_dict(), resume, group)
 
     def _spawn_input(self, rank: int) -> None:
         stages = input_stages(self.config.data, self.rank_endpoints[rank].as_dict(), self.plans[rank], self.slots,
@@ -312,7 +369,8 @@ class Supervisor:
             if code == 0:
                 # Ranks stop together (they agree on it every step): let the others finish.
                 self._stop_processes(self._trainer_names(), timeout=STOP_TIMEOUT)
-                log.info("trainer finished (%s)", "stop requested" if self.stopping_since else "training done")
+                log.info("trainer finished (%s)", "stop requested" if self.stopping_since else
+                         "training done, or another node stopped the group" if self.config.nodes > 1 else "training done")
                 self._stop_processes(self._input_names())
                 return 0
             if code in (EXIT_BOOT, EXIT_HALT):
@@ -343,7 +401,9 @@ class Supervisor:
                 proc.join()
                 return  # the next _reap restarts it
 
-    def _restart(self, stage: str, why: str, name: str | None = None) -> None:
+    def _restart(self, stage: str, why: str, name: str | None = None, follow: int | None = None) -> None:
+        """Restart a stage's processes. A trainer restart with several nodes is the
+        group's: this node ends the round (or `follow`s the round another node began)."""
         if name is not None and name not in self.booted:
             raise Halt(f"{name} could not start ({why}); see {self.run_dir / 'alexnetd.log'}")
         now = time.monotonic()
@@ -357,6 +417,15 @@ class Supervisor:
         times.append(now)
         self.restarts[stage] += 1
         self.last_restart = now
+        if stage == "trainer" and self.group is not None:
+            if self.group_lost:
+                raise Halt(self.group_lost)
+            try:
+                self.round = follow if follow is not None else self.group.end_round(
+                    self.round, f"node {self.config.node_rank}: {why}")
+            except GroupError as exc:
+                raise Halt(str(exc)) from None
+            why += f"; round {self.round}"
         log.warning("%s: restarting the %s", why, "trainers from their checkpoint" if stage == "trainer" else "input side")
         self.history.write("event", event="restart", stage=stage, reason=why)
         # A dead trainer takes every rank with it (a collective cannot go on with one
@@ -383,10 +452,11 @@ class Supervisor:
 
     def _drain_beats(self) -> None:
         for msg in wire.drain(self.beat_socket, self._count_malformed_beat):
-            stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", 0)
-            if not isinstance(rank, int) or not 0 <= rank < self.world:
+            stage, index, rank = msg.get("stage"), msg.get("index", 0), msg.get("rank", self.first_rank)
+            if not isinstance(rank, int) or not 0 <= rank - self.first_rank < self.world:
                 self._count_malformed_beat()
                 continue
+            rank -= self.first_rank  # stages say their global rank; names use this node's index
             name = self._name(stage if stage in ("loader", "trainer", "copier") else f"augmenter-{index}", rank)
             # The copier, and DALI's decoding thread (reported as the augmenter stage), live
             # in the trainer process.
@@ -450,6 +520,8 @@ class Supervisor:
     def _current_state(self) -> str:
         if self.stopping_since is not None:
             return "stopping"
+        if self.group is not None and not self.group.formed:
+            return "rendezvous"
         return "degraded" if self.state != "starting" and self._degraded_reason() else self.state
 
     def _degraded_reason(self) -> str | None:
@@ -520,7 +592,8 @@ class Supervisor:
                 "age_seconds": round(time.time() - checkpoint["t"], 1)},
             "metrics_url": f"http://{self.config.metrics_addr}/metrics",
             "generation": max(self.generations),
-            "world_size": self.world,
+            "world_size": self.group_world,
+            "group": self._group_status(),
             "ranks": ranks,
             "slowest_rank": _slowest(ranks),
             "processes": {name: proc.pid for name, proc in self.processes.items() if proc.is_alive()},
@@ -539,10 +612,18 @@ class Supervisor:
                 owner = "trainer" if in_trainer else stage
                 stages[stage]["processes"] = sum(1 for n, p in self.processes.items()
                                                  if _stage_of(n) == owner and _rank_of(n) == rank and p.is_alive())
-            out.append({"rank": rank, "step": beat.get("step", 0),
+            out.append({"rank": self.first_rank + rank, "step": beat.get("step", 0),
                         "images_per_second": stages["trainer"]["images_per_second"], "stages": stages,
                         "ring_slots_in_use": beat.get("slots_in_use", 0), "reorder_buffer": beat.get("reorder", 0)})
         return out
+
+    def _group_status(self) -> dict | None:
+        """Several nodes: the group as this node sees it (one node's ranks: None)."""
+        if self.group is None or self.config.nodes == 1:
+            return None
+        view = self.group.status(self.round)
+        view["lost"] = self.group_lost
+        return view
 
     def _step_rate(self) -> float:
         if len(self.rates) < 2:
@@ -557,10 +638,10 @@ class Supervisor:
         status = self.status()
         stages = {s: dict(totals[s], processes=status["stages"][s]["processes"], restarts=self.restarts[s])
                   for s in STAGES}
-        ranks = [{"stages": {s: dict(rank_totals[r["rank"]][s], processes=r["stages"][s]["processes"])
-                             for s in STAGES},
+        ranks = [{"rank": r["rank"],
+                  "stages": {s: dict(rank_totals[local][s], processes=r["stages"][s]["processes"]) for s in STAGES},
                   "ring_slots_in_use": r["ring_slots_in_use"], "reorder": r["reorder_buffer"]}
-                 for r in status["ranks"]]
+                 for local, r in enumerate(status["ranks"])]
         memory = {}
         for rank in range(self.world):  # each rank reports the devices it uses
             memory.update(self.beats.get(self._name("trainer", rank), {}).get("memory") or {})
@@ -580,7 +661,8 @@ class Supervisor:
     def _remote_cfg(self) -> dict | None:
         if not self.config.remote_augmenters:
             return None
-        return {"addr": self.config.remote_augmenters, "keys_dir": str(self.run_dir)}
+        # Rank r of this node listens on PORT + r (its local index, on every node).
+        return {"addr": self.config.remote_augmenters, "keys_dir": str(self.run_dir), "first_rank": self.first_rank}
 
     def _retire_remote(self, remote: dict | None) -> None:
         if remote:

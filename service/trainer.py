@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import zmq
 from torch.nn.parallel import DistributedDataParallel
 
+from alexnetd.model.broadcast import broadcast_state
 from alexnetd.model import (AlexNet, CheckpointError, PaperSGD, PlateauSchedule, TwoTowerAlexNet,
                             autocast_context, load_latest_checkpoint, load_rng_state, rng_state,
                             save_checkpoint, set_deterministic, set_lr)
@@ -37,7 +38,8 @@ from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, Heartbeat, StageClock, StopFlag
 from alexnetd.pipeline.transform import InputTransform
-from alexnetd.service.config import Config
+from alexnetd.service.config import Config, world_size
+from alexnetd.service.group import GroupError, join_trainers
 from alexnetd.service.history import History
 from alexnetd.service.skiplog import SkipLog
 
@@ -49,29 +51,25 @@ WAIT_MS = 500
 AGREE_EVERY = 8  # batches between the ranks' votes on stopping (a collective and a sync)
 
 
-def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool,
-                rank: int = 0, world: int = 1, rendezvous_port: int = 0) -> None:
-    """Process entry point. With world > 1, this is rank `rank` of a data-parallel group
-    (DDP) that meets on 127.0.0.1:rendezvous_port."""
+def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool, group: dict | None = None) -> None:
+    """Process entry point. With a `group` (service/group.py: NodeGroup.trainer_args),
+    this is global rank group["rank"] of a data-parallel world of group["world"] ranks,
+    local rank group["local_rank"] of its node, meeting the others in group["round"]."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     config = Config(**cfg)
     stop = StopFlag()
     try:
-        if world > 1:
-            _join_group(config, rank, world, rendezvous_port)
-        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop, rank, world)
-    except (CheckpointError, DatasetError, ValueError) as exc:
+        if group is not None:
+            if config.device == "cuda":
+                torch.cuda.set_device(group["local_rank"])
+            join_trainers(group, config.device)
+        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop,
+                          *((group["rank"], group["world"], group["local_rank"]) if group else ()))
+    except (CheckpointError, DatasetError, GroupError, ValueError) as exc:
         _halt(config.run_dir, f"trainer could not start: {exc}")
         sys.exit(EXIT_BOOT)
     sys.exit(trainer.run())
-
-
-def _join_group(config: Config, rank: int, world: int, port: int) -> None:
-    backend = "nccl" if config.device == "cuda" else "gloo"
-    if config.device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def _halt(run_dir: str, reason: str) -> None:
@@ -82,9 +80,11 @@ def _halt(run_dir: str, reason: str) -> None:
 
 class Trainer:
     def __init__(self, config: Config, ring: Ring, endpoints: dict, resume: bool, stop: StopFlag | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, local_rank: int | None = None):
         self.config, self.ring, self.stop = config, ring, stop
+        # rank and world are global (every node's ranks); local_rank is this node's index.
         self.rank, self.world = rank, world
+        self.local_rank = rank if local_rank is None else local_rank
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.dataset = open_dataset(config.data)
@@ -95,7 +95,7 @@ class Trainer:
             set_deterministic(config.seed)
         else:
             torch.manual_seed(config.seed)
-        self.device = torch.device(f"cuda:{rank}" if config.device == "cuda" else "cpu")
+        self.device = torch.device(f"cuda:{self.local_rank}" if config.device == "cuda" else "cpu")
         num_classes = len(self.dataset.classes)
         self.dtype = getattr(torch, config.dtype)
         self.autocast = config.bf16 and self.device.type == "cuda" and self.dtype == torch.float32
@@ -108,7 +108,7 @@ class Trainer:
         self.net = self.model  # what the step calls: the model, or its DDP wrapper
         if world > 1:
             # DDP broadcasts rank 0's initial weights, and all-reduces gradients in the step.
-            self.net = DistributedDataParallel(self.model, device_ids=[rank] if self.device.type == "cuda" else None)
+            self.net = DistributedDataParallel(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.optimizer = PaperSGD(self.model.parameters(), config.lr, config.momentum, config.weight_decay)
         self.schedule = PlateauSchedule(config.lr, patience=config.lr_patience, max_epochs=config.max_epochs)
         self.transform = InputTransform(mean, eigvals, eigvecs, self.device, lighting=config.lighting)
@@ -120,8 +120,7 @@ class Trainer:
         self.checkpoint_error: str | None = None     # why the last checkpoint write failed; None once one succeeds
         self.last_val: dict | None = None
         self.loss: float | None = None
-        if resume:
-            self._resume()
+        self._resume(resume)
         # The decoder seam: CPU augmenter processes fill the ring (default), or DALI
         # decodes in a thread of this process and hands the feed device batches.
         self.dali = None
@@ -129,14 +128,15 @@ class Trainer:
             from alexnetd.pipeline.dali import DaliAugmenter
 
             self.dali = DaliAugmenter(endpoints, config.seed, config.batch_size, self.device, rank,
-                                      threads=max(1, config.augmenters or default_augmenters(world)))
+                                      threads=max(1, config.augmenters or default_augmenters(world_size(config))))
         self.feed = Feed(endpoints, ring, self.plan, self.position, self.device,
                          decoded=self.dali.decoded if self.dali else None)
         self.clock = StageClock()
         self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
         self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
-        self.history = History(self.run_dir) if rank == 0 else _NoHistory()
-        self.skiplog = SkipLog(self.run_dir, shared=world > 1)
+        # Each node's first rank keeps that node's history; global rank 0's is the run's.
+        self.history = History(self.run_dir) if self.local_rank == 0 else _NoHistory()
+        self.skiplog = SkipLog(self.run_dir, shared=world_size(config) > 1)  # this node's ranks share it
         self.splits: dict = {}
         self.rate = 0.0
         self.val = _ValTally()
@@ -144,12 +144,22 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
 
-    def _resume(self) -> None:
-        found = load_latest_checkpoint(self.checkpoint_dir, self.dataset.fingerprint, self.config.data,
-                                       map_location=self.device)
+    def _resume(self, resume: bool) -> None:
+        found = None
+        if self.rank == 0 and resume:
+            found = load_latest_checkpoint(self.checkpoint_dir, self.dataset.fingerprint, self.config.data,
+                                           map_location=self.device)
+        if self.world > 1:
+            # Only global rank 0 writes checkpoints (on node 0); every rank resumes from
+            # the one it loaded, broadcast over torch.distributed (model/broadcast.py).
+            found = broadcast_state(None if found is None else {"path": str(found[0]), "mtime": found[0].stat().st_mtime,
+                                                                 "state": found[1]}, self.device)
+            found = None if found is None else (found["path"], found["mtime"], found["state"])
+        elif found is not None:
+            found = (str(found[0]), found[0].stat().st_mtime, found[1])
         if found is None:
             return
-        path, state = found
+        path, mtime, state = found
         self.model.load_state_dict(state["model"])
         optimizer_state = state["optimizer"]
         if isinstance(self.model, TwoTowerAlexNet):
@@ -160,7 +170,7 @@ class Trainer:
         load_rng_state(state["rng"])
         self.step, self.position = int(state["step"]), (int(state["epoch"]), int(state["next_seq"]))
         self.last_val = state.get("last_val")
-        self.last_checkpoint = {"path": str(path), "step": self.step, "t": path.stat().st_mtime, "write_seconds": 0.0}
+        self.last_checkpoint = {"path": path, "step": self.step, "t": mtime, "write_seconds": 0.0}
         self.saved_key = (self.step, *self.position)
         log.info("resumed from %s at epoch %d seq %d, step %d", path, *self.position, self.step)
 
@@ -375,7 +385,7 @@ class Trainer:
             return {str(d): torch.cuda.memory_allocated(d) for d in devices}
         with open("/proc/self/statm") as fh:
             resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"cpu" if self.world == 1 else f"cpu:{self.rank}": resident}
+        return {"cpu" if self.world == 1 else f"cpu:{self.local_rank}": resident}
 
     def _beat(self, state: str, force: bool = False) -> None:
         if not (force or self.beat.due()):
