@@ -35,17 +35,19 @@ def small_fs(path, size_bytes):
 def ballast(path, leave_free: int) -> None:
     """Fill the filesystem of `path` until `leave_free` bytes are left, as another writer would.
 
-    Measured while no checkpoint is being written: a temp file half-written (and the old
-    checkpoint it is about to replace) would make the disk look fuller than it will be a
-    moment later, and the fill too small to make the next write fail."""
-    def writing() -> bool:
-        return any(path.parent.rglob(".ckpt-*"))
+    Measured while the run (--keep-checkpoints 1) holds one checkpoint and writes none:
+    a half-written temp file, or the old checkpoint not yet removed after the rename,
+    would make the disk look fuller than it will be a moment later, and the fill too
+    small to make the next write fail (or of no size at all)."""
+    def settled() -> bool:
+        return not any(path.parent.rglob(".ckpt-*")) and len(list(path.parent.rglob("ckpt-*.pt"))) <= 1
 
-    for _ in range(200):
+    for _ in range(400):
+        before = settled()
         st = os.statvfs(path.parent)
-        if not writing():
+        if before and settled():
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     size = st.f_bavail * st.f_frsize - leave_free
     with open(path, "wb") as fh:
         os.posix_fallocate(fh.fileno(), 0, size)
