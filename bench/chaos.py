@@ -142,8 +142,10 @@ def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
     for d in (reference, chaos):
         shutil.rmtree(d, ignore_errors=True)
     args = ["--max-steps", steps, "--config", config]
+    # A whole run's wait grows with its steps (about 1.5 s each on 2 busy cores).
+    run_timeout = 120 + 10 * steps
     start(data, reference, *args)
-    wait_for(lambda: holder(reference) is None, what="the reference run")
+    wait_for(lambda: holder(reference) is None, timeout=run_timeout, what="the reference run")
     kinds = ["loader", "augmenter", "trainer", "daemon"] * kills_per_kind
     rng.shuffle(kinds)
     kills = dict.fromkeys(("loader", "augmenter", "trainer", "daemon"), 0)
@@ -176,7 +178,8 @@ def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
                 continue
         kills[kind] += 1
         last_step = s["step"]
-    wait_for(lambda: holder(chaos) is None or (status(chaos) or {}).get("step") == steps, what="the chaos run")
+    wait_for(lambda: holder(chaos) is None or (status(chaos) or {}).get("step") == steps, timeout=run_timeout,
+             what="the chaos run")
     wait_for(lambda: holder(chaos) is None, what="the chaos run to exit")
     a, b = final_weights(reference), final_weights(chaos)
     kept = ledger(history(chaos))
