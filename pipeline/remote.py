@@ -52,7 +52,7 @@ from alexnetd.pipeline import wire
 from alexnetd.pipeline.augment import decode_batch, ready_fields
 from alexnetd.pipeline.jpeg import REASONS, Decoder
 from alexnetd.pipeline.ring import IMAGE, Ring
-from alexnetd.pipeline.stage import BEAT_SECONDS, Heartbeat, StageClock, StopFlag
+from alexnetd.pipeline.stage import BEAT_SECONDS, Heartbeat, StageClock, StopFlag, adopt_children
 
 __all__ = ["run_gateway", "run_remote", "remote_endpoint", "RemoteRefused", "HOST_TIMEOUT", "PREFETCH"]
 
@@ -433,6 +433,7 @@ def run_remote(connect: str, key, workers: int = 1, connect_timeout: float = 30.
         return _worker_loop(dict(cfg, index=0))
     from alexnetd.pipeline.launch import spawn_context
 
+    adopt_children()
     procs = [spawn_context.Process(target=_worker_main, args=(dict(cfg, index=i),), name=f"alexnetd-remote-{i}")
              for i in range(workers)]
     stop = StopFlag()

@@ -21,7 +21,7 @@ import zmq
 
 from alexnetd.pipeline import wire
 
-__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "STAGES", "EXIT_BOOT", "EXIT_HALT"]
+__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "adopt_children", "STAGES", "EXIT_BOOT", "EXIT_HALT"]
 
 STAGES = ("loader", "augmenter", "copier", "trainer")
 # Exit codes a stage uses to tell the supervisor not to restart it.
@@ -111,13 +111,25 @@ class Heartbeat:
             pass
 
 
+PARENT_ENV = "ALEXNETD_PARENT_PID"
+
+
+def adopt_children() -> None:
+    """Call before spawning stages: they learn whose children they are from the
+    environment, not from getppid() at their start, which is already init's when the
+    parent was killed while they booted (and they would never notice it gone). Only for
+    direct children: a stage's own child would inherit the value and stop at once."""
+    os.environ[PARENT_ENV] = str(os.getpid())
+
+
 class StopFlag:
     """SIGTERM asks a stage to finish what it holds and exit; SIGINT is the supervisor's.
     A stage whose supervisor died (even by SIGKILL) stops too: no orphans."""
 
     def __init__(self):
         self.requested = False
-        self._parent = os.getppid()
+        expected = os.environ.get(PARENT_ENV, "")
+        self._parent = int(expected) if expected.isdigit() and os.getpid() != int(expected) else os.getppid()
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -40,7 +40,7 @@ from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.launch import default_augmenters, default_slots, input_stages, spawn_context
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
-from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints
+from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, STAGES, Endpoints, adopt_children
 from alexnetd.service.config import Config, group_size, parse_addr, resolve_device, world_size
 from alexnetd.service.control import PidFile, control_endpoint
 from alexnetd.service.group import GroupError, GroupLost, NodeGroup
@@ -128,6 +128,7 @@ class Supervisor:
         self.beat_socket.setsockopt(zmq.LINGER, 0)
         self.history = History(self.run_dir)
         self.history.write("event", event="daemon-start", pid=os.getpid(), fresh=self.fresh)
+        adopt_children()
         wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(wakeup_w, False)
         signal.set_wakeup_fd(wakeup_w)

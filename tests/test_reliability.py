@@ -125,3 +125,47 @@ def test_short_soak_leaves_nothing_behind(tmp_path):
     assert result["batches"] > 0
     assert result["left_after_stop"] == [] and result["left_after_kill_start_stop"] == []
     assert all(change <= 2 for change in result["fd_change"].values()), result
+
+
+ORPHAN = """
+import os, sys, time
+from alexnetd.pipeline.launch import spawn_context
+from alexnetd.pipeline.stage import adopt_children
+
+def stage(marker):
+    time.sleep(2.0)  # still booting when its parent is killed
+    from alexnetd.pipeline.stage import StopFlag
+    stop = StopFlag()
+    open(marker, "w").write(str(os.getpid()))
+    while not stop.stopping:
+        time.sleep(0.1)
+
+if __name__ == "__main__":
+    adopt_children()
+    child = spawn_context.Process(target=stage, args=(sys.argv[1],))
+    child.start()
+    print(child.pid, flush=True)
+    os._exit(0)  # the parent dies before the stage has made its StopFlag
+"""
+
+
+def test_a_stage_whose_parent_died_while_it_booted_still_exits(tmp_path):
+    """Found by the full chaos run: a daemon killed just after it restarted the input
+    side left the new augmenters running for ever (they took init for their parent)."""
+    import os
+    import subprocess
+
+    script, marker = tmp_path / "orphan.py", tmp_path / "started"
+    script.write_text(ORPHAN)
+    out = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+    wait_for(lambda: marker.exists(), timeout=60, every=0.1, what="the stage to boot")
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().split(") ")[-1].startswith("Z")
+    wait_for(gone, timeout=30, every=0.1, what="the orphaned stage to exit")
