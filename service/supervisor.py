@@ -378,7 +378,10 @@ class Supervisor:
                 raise Halt(self._halt_file() or f"trainer exited with code {code}")
             if self.stopping_since is not None:
                 return 1
-            if exited[0] not in self.booted:
+            # Exiting before its first beat is a stage that cannot boot (bad data, a
+            # broken install): halt with the reason rather than loop. Killed by a signal
+            # while booting (SIGKILL, the OOM killer) is a crash like any other.
+            if exited[0] not in self.booted and code >= 0:
                 raise Halt(self._halt_file() or f"{exited[0]} could not start (exit code {code}); "
                            f"see {self.run_dir / 'alexnetd.log'}")
             self._restart("trainer", f"{exited[0]} exited with code {code}")
@@ -386,7 +389,8 @@ class Supervisor:
         dead = [n for n in self._input_names() if self.processes[n].exitcode is not None]
         if dead and self.stopping_since is None:
             name = dead[0]
-            self._restart(_stage_of(name), f"{name} exited with code {self.processes[name].exitcode}", name)
+            code = self.processes[name].exitcode
+            self._restart(_stage_of(name), f"{name} exited with code {code}", name, booting_killed=code < 0)
         return None
 
     def _check_silent(self) -> None:
@@ -402,10 +406,13 @@ class Supervisor:
                 proc.join()
                 return  # the next _reap restarts it
 
-    def _restart(self, stage: str, why: str, name: str | None = None, follow: int | None = None) -> None:
+    def _restart(self, stage: str, why: str, name: str | None = None, follow: int | None = None,
+                 booting_killed: bool = False) -> None:
         """Restart a stage's processes. A trainer restart with several nodes is the
-        group's: this node ends the round (or `follow`s the round another node began)."""
-        if name is not None and name not in self.booted:
+        group's: this node ends the round (or `follow`s the round another node began).
+        An input stage that exited by itself before its first beat cannot boot: halt;
+        one killed by a signal then (`booting_killed`) is restarted like any crash."""
+        if name is not None and name not in self.booted and not booting_killed:
             raise Halt(f"{name} could not start ({why}); see {self.run_dir / 'alexnetd.log'}")
         now = time.monotonic()
         times = self.restart_times[stage]

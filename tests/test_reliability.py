@@ -169,3 +169,28 @@ def test_a_stage_whose_parent_died_while_it_booted_still_exits(tmp_path):
         stat = Path(f"/proc/{pid}/stat")
         return stat.exists() and stat.read_text().split(") ")[-1].startswith("Z")
     wait_for(gone, timeout=30, every=0.1, what="the orphaned stage to exit")
+
+
+def test_a_stage_killed_while_it_boots_is_restarted_not_a_halt(prepared_data, tmp_path):
+    """Found by the full chaos run: the loader SIGKILLed a moment after an input restart,
+    before its first heartbeat, halted the daemon as if it could not boot."""
+    import os
+    import signal
+
+    from alexnetd.service.control import request
+
+    run_dir = tmp_path / "run"
+    cli(*start_args(prepared_data, run_dir, free_port(), "--val-every", 0), check=True)
+    try:
+        first = wait_for(lambda: (s := status(run_dir)) and s["step"] >= 1 and s, what="training")
+        os.kill(first["processes"]["augmenter-0"], signal.SIGKILL)
+        # The input side's new loader, killed at once: it cannot have beaten yet.
+        new = wait_for(lambda: (p := request(run_dir, "status")["status"]["processes"]).get("loader")
+                       not in (None, first["processes"]["loader"]) and p, every=0.01, what="a new loader")
+        os.kill(new["loader"], signal.SIGKILL)
+        later = wait_for(lambda: (s := status(run_dir)) and s["step"] >= first["step"] + 3 and s,
+                         what="training to go on")
+        assert later["halt_reason"] is None
+        assert later["restarts"]["augmenter"] == 1 and later["restarts"]["loader"] == 1
+    finally:
+        cli("stop", "--run-dir", run_dir, "--now")
