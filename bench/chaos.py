@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle  # only to build the hostile payload we send; the daemon must never unpickle it
 import random
 import shutil
 import signal
@@ -440,19 +439,16 @@ def _by_reason(reasons) -> dict:
 
 # -- scenario: hostile frames, exposure, tar shards ------------------------------------
 
-class _Canary:
-    """Unpickling this creates the canary file: proof that someone unpickled."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+def canary_payload(path: Path) -> bytes:
+    """A pickle stream (protocol 0, written out by hand: no pickle module here) whose
+    unpickling calls open(path, "w"), creating the canary file: proof that someone
+    unpickled. Sending it runs nothing; only a loads() on the other side would."""
+    return f"c__builtin__\nopen\n(V{path}\nVw\ntR.".encode()
 
 
 def hostile_frames(n: int, canary: Path, seed: int = 0) -> list[list[bytes]]:
     rng = random.Random(seed)
-    payload = pickle.dumps(_Canary(canary))  # dumps runs nothing; only loads would
+    payload = canary_payload(canary)
     headers = [b"{", b"[]", b'"x"', b"null", b'{"v":2,"kind":"ready"}', b'{"v":1,"kind":"nope"}',
                b'{"v":1,"kind":"ready","generation":"x"}', b'{"v":1,"kind":"beat","arrays":[{"dtype":"O","shape":[1]}]}',
                b'{"v":1,"kind":"ready","arrays":[{"dtype":"<f8","shape":[1000000000]}]}',
