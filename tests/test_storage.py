@@ -2,6 +2,7 @@
 the run directory. A checkpoint of the tests' 4-class AlexNet is about 440 MiB."""
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -33,24 +34,41 @@ def small_fs(path, size_bytes):
 
 
 def ballast(path, leave_free: int) -> None:
-    """Fill the filesystem of `path` until `leave_free` bytes are left, as another writer would.
+    """Fill the filesystem of `path` until `leave_free` bytes are left while the run
+    (--keep-checkpoints 1) holds its one checkpoint and writes none, as another writer would.
 
-    Measured while the run (--keep-checkpoints 1) holds one checkpoint and writes none:
-    a half-written temp file, or the old checkpoint not yet removed after the rename,
-    would make the disk look fuller than it will be a moment later, and the fill too
-    small to make the next write fail (or of no size at all)."""
-    def settled() -> bool:
-        return not any(path.parent.rglob(".ckpt-*")) and len(list(path.parent.rglob("ckpt-*.pt"))) <= 1
-
-    for _ in range(400):
-        before = settled()
+    The run writes a checkpoint every second or so, so free space alone moves all the
+    time (a temp file growing, the old checkpoint not yet removed after the rename).
+    Free space plus the bytes of every checkpoint file, whole or being written, does not:
+    that minus one checkpoint is the room at rest. It is read until two readings agree,
+    as a file renamed between listing and stat() makes one reading short."""
+    def room_at_rest() -> int:
         st = os.statvfs(path.parent)
-        if before and settled():
-            break
-        time.sleep(0.02)
-    size = st.f_bavail * st.f_frsize - leave_free
+        held = 0
+        for file in path.parent.rglob("*ckpt-*"):
+            with contextlib.suppress(FileNotFoundError):  # renamed or removed meanwhile
+                held += file.stat().st_blocks * 512
+        return st.f_bavail * st.f_frsize + held - CKPT
+
+    readings = [room_at_rest()]
+    while len(readings) < 2 or abs(readings[-1] - readings[-2]) > (4 << 20):
+        assert len(readings) < 1000, f"free space does not settle: {readings[-5:]}"
+        time.sleep(0.01)
+        readings.append(room_at_rest())
+    size = readings[-1] - leave_free
+    assert size > 0, f"the filesystem has only {readings[-1]} bytes at rest, less than {leave_free}"
+    # With a write in flight there is less room than at rest; try again when it has ended.
+    deadline = time.monotonic() + 120
     with open(path, "wb") as fh:
-        os.posix_fallocate(fh.fileno(), 0, size)
+        while True:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, size)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or time.monotonic() > deadline:
+                    raise
+                fh.truncate(0)
+                time.sleep(0.02)
 
 
 def test_start_refuses_a_run_dir_that_cannot_hold_two_checkpoints(prepared_data, tmp_path):
