@@ -490,7 +490,6 @@ def hostile(work: Path, frames_per_socket: int) -> dict:
         frames = hostile_frames(frames_per_socket, canary)
         sent = {}
         # ready (feed), credits (loader), beats (supervisor) are PULL sockets that bind.
-        # jobs is bound by the loader as PUSH: a peer can only take from it, not write.
         for name in ("ready", "credits", "beats"):
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 2000)
@@ -500,6 +499,8 @@ def hostile(work: Path, frames_per_socket: int) -> dict:
                 sock.send_multipart(f)
             sock.close()
             sent[name] = len(frames)
+        jobs_raw = _raw_garbage(ends.jobs.removeprefix("ipc://"), frames)
+        sent["jobs"] = jobs_raw["frames_written"]
         answered = 0
         for f in frames:
             req = ctx.socket(zmq.REQ)
@@ -522,12 +523,32 @@ def hostile(work: Path, frames_per_socket: int) -> dict:
         malformed = after.get("malformed") or {}
         metrics_ok = "alexnetd_train_steps_total" in urllib.request.urlopen(
             f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        out.update(sent=sent, control_answered=answered, counted=malformed, http_requests=max(1, frames_per_socket // 10),
+        out.update(sent=sent, jobs_raw=jobs_raw, control_answered=answered, counted=malformed, http_requests=max(1, frames_per_socket // 10),
                    metrics_still_served=metrics_ok, kept_training=after["step"] > before["step"],
                    restarts=sum(after["restarts"].values()), canary_appeared=canary.exists())
     finally:
         cli("stop", "--run-dir", run, "--now")
         wait_for(lambda: holder(run) is None, what="the hostile run to exit")
+    return out
+
+
+def _raw_garbage(path: str, frames: list[list[bytes]]) -> dict:
+    """The jobs socket is the loader's PUSH: a ZeroMQ peer can only take from it. What a
+    writer can still do is speak garbage below ZeroMQ, on the unix socket itself, ten
+    frames a connection; the ZMTP handshake refuses it before any alexnetd code reads,
+    and hangs up (the frames after that cannot be written)."""
+    out = dict(connections=0, frames_written=0, hung_up=0)
+    for i in range(0, len(frames), 10):
+        out["connections"] += 1
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.settimeout(5)
+                raw.connect(path)
+                for frame in frames[i:i + 10]:
+                    raw.sendall(b"".join(frame))
+                    out["frames_written"] += 1
+        except OSError:
+            out["hung_up"] += 1
     return out
 
 

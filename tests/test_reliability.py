@@ -92,6 +92,7 @@ def test_hostile_frames_are_refused_and_nothing_is_unpickled(tmp_path):
     assert result["control_answered"] == result["sent"]["control"] == result["counted"]["control"]
     for name in ("ready", "credits", "beats"):
         assert result["counted"][name] > 0.9 * result["sent"][name], result
+    assert result["sent"]["jobs"] > 0  # raw bytes on the loader's PUSH socket, below ZeroMQ
     assert result["tcp_loopback_only"] and result["unix_in_run_dir"] and result["run_dir_mode"] == "0o700"
 
 
