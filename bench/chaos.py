@@ -54,10 +54,13 @@ def free_port() -> int:
 
 
 def status(run_dir) -> dict | None:
-    result = cli("status", "--run-dir", run_dir, "--json", timeout=30)
+    """What `alexnetd status --json` prints, or None when no daemon answers; asked on the
+    control socket from here, as a `status` process per poll would slow the daemon."""
+    from alexnetd.service.control import NotRunning, request
+
     try:
-        return None if result.returncode == 2 else json.loads(result.stdout)
-    except ValueError:
+        return request(run_dir, "status")["status"]
+    except NotRunning:
         return None
 
 
