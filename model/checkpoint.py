@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .size import checkpoint_bytes  # noqa: F401 - re-exported with the checkpoints
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -77,22 +79,6 @@ def _check_plain(value, where: str) -> None:
         return
     raise CheckpointError(f"checkpoint value {where} is a {type(value).__name__}; only "
                           "tensors and plain Python values load with weights_only=True")
-
-
-# Beyond the tensors: the zip container's per-record padding, the pickled structure,
-# RNG states, the config. Measured at under 1 MiB; 8 MiB keeps the estimate on the safe side.
-CHECKPOINT_SLACK = 8 << 20
-
-
-def checkpoint_bytes(num_classes: int) -> int:
-    """Bytes one checkpoint of AlexNet(num_classes) takes on disk: float32 weights plus
-    the optimizer's velocity (one more float32 per weight), plus slack. Built on the meta
-    device: the shapes without the 240 MB of memory."""
-    from .alexnet import AlexNet  # the network module, imported only when the size is asked
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AlexNet(num_classes).parameters())
-    return 2 * 4 * params + CHECKPOINT_SLACK
 
 
 def _fsync_dir(path: Path) -> None:

@@ -143,11 +143,19 @@ def parse_addr(addr: str, what: str = "metrics_addr") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# NVIDIA's driver (its /proc entry and control device) and ROCm's kernel driver.
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+
+
 def resolve_device(config: Config) -> Config:
     """`auto` becomes `cuda` when torch sees a CUDA device, else `cpu`, once, here: the
     saved config, the stages, status and the metrics all carry the resolved device."""
     if config.device != "auto":
         return config
+    if not any(os.path.exists(p) for p in GPU_DRIVER_FILES):
+        # No GPU driver, so no torch build can see a device: say cpu without importing
+        # torch, which would take `alexnetd start` about 2 s of CPU.
+        return dataclasses.replace(config, device="cpu")
     import torch
 
     return dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")

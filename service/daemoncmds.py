@@ -228,15 +228,18 @@ def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> Non
     """Refuse a run directory whose filesystem cannot hold the checkpoints the run will
     keep plus the one being written (at least two): on a full disk every checkpoint
     write would fail, and the work since the last one is redone after any crash."""
-    from alexnetd.model import checkpoint_bytes
-    from alexnetd.model.checkpoint import list_checkpoints
+    from alexnetd.model.size import checkpoint_bytes
 
-    one = checkpoint_bytes(num_classes)
+    one = checkpoint_bytes(num_classes, config.dtype)
     need = (config.keep_checkpoints + 1) * one
     directory = Path(config.run_dir) / "checkpoints"
     # Checkpoints already there are rotated away by the new ones (--fresh moves them
     # aside, which is a rename on the same filesystem: they stay).
-    existing = 0 if fresh else sum(p.stat().st_size for _, p in list_checkpoints(directory))
+    existing = 0
+    if not fresh and directory.is_dir():
+        from alexnetd.model.checkpoint import list_checkpoints  # torch: only where there is a run to resume
+
+        existing = sum(p.stat().st_size for _, p in list_checkpoints(directory))
     free = shutil.disk_usage(config.run_dir).free
     if free + existing < need:
         hint = " or --keep-checkpoints 1" if config.keep_checkpoints > 1 else ""
@@ -281,6 +284,8 @@ def _check_remote(config: Config, world: int) -> None:
 
 
 def _check_resume(config: Config, dataset) -> None:
+    if not (Path(config.run_dir) / "checkpoints").is_dir():
+        return  # nothing to resume: a new run (and no torch to import)
     from alexnetd.model import CheckpointError, load_latest_checkpoint
 
     try:

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -143,6 +145,22 @@ def test_start_refuses_bad_input_with_one_line(prepared_data, tmp_path, args, wo
     assert words in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "alexnetd.pid").exists()
+
+
+def test_a_new_runs_start_checks_do_not_import_torch(prepared_data, tmp_path):
+    """`start` resolves the device and checks everything before it forks. For a new run
+    on a machine without a GPU driver none of it needs torch, whose import would take the
+    command about 2 s of CPU each time. (With a driver, `--device auto` asks torch.)"""
+    from alexnetd.service.config import GPU_DRIVER_FILES
+
+    code = ("import sys; from alexnetd.service.config import resolve_device; "
+            "from alexnetd.service.daemoncmds import preflight, resolve_config; "
+            f"config = resolve_device(resolve_config({str(prepared_data)!r}, {str(tmp_path / 'run')!r}, None, "
+            f"batch_size=8, metrics_addr='127.0.0.1:{free_port()}')); "
+            "preflight(config, False); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(any(os.path.exists(p) for p in GPU_DRIVER_FILES))
 
 
 def test_config_file_unknown_key_is_an_error(prepared_data, tmp_path):

@@ -27,6 +27,17 @@ def test_parameter_count_is_the_grouped_networks(paper_model):
     assert sum(p.numel() for p in paper_model.parameters()) == 60_965_224
 
 
+def test_the_checkpoint_size_counts_the_built_networks_parameters(paper_model):
+    """model/size.py counts without torch (for `start`'s disk check); it must agree with
+    the network as built, for any class count and both dtypes."""
+    from alexnetd.model.size import CHECKPOINT_SLACK, checkpoint_bytes, parameter_count
+
+    assert parameter_count(1000) == sum(p.numel() for p in paper_model.parameters())
+    assert parameter_count(4) == sum(p.numel() for p in AlexNet(4).parameters())
+    assert checkpoint_bytes(4) == 2 * 4 * parameter_count(4) + CHECKPOINT_SLACK  # weights + velocity
+    assert checkpoint_bytes(4, "float64") == 2 * 8 * parameter_count(4) + CHECKPOINT_SLACK
+
+
 def test_state_dict_holds_exactly_the_eight_layers(paper_model):
     sd = paper_model.state_dict()
     assert list(sd) == [f"{layer}.{p}" for layer in LAYERS for p in ("weight", "bias")]
