@@ -378,10 +378,7 @@ class Supervisor:
                 raise Halt(self._halt_file() or f"trainer exited with code {code}")
             if self.stopping_since is not None:
                 return 1
-            # Exiting before its first beat is a stage that cannot boot (bad data, a
-            # broken install): halt with the reason rather than loop. Killed by a signal
-            # while booting (SIGKILL, the OOM killer) is a crash like any other.
-            if exited[0] not in self.booted and code >= 0:
+            if self._could_not_boot(exited[0], code):
                 raise Halt(self._halt_file() or f"{exited[0]} could not start (exit code {code}); "
                            f"see {self.run_dir / 'alexnetd.log'}")
             self._restart("trainer", f"{exited[0]} exited with code {code}")
@@ -389,9 +386,17 @@ class Supervisor:
         dead = [n for n in self._input_names() if self.processes[n].exitcode is not None]
         if dead and self.stopping_since is None:
             name = dead[0]
-            code = self.processes[name].exitcode
-            self._restart(_stage_of(name), f"{name} exited with code {code}", name, booting_killed=code < 0)
+            why = f"{name} exited with code {self.processes[name].exitcode}"
+            if self._could_not_boot(name, self.processes[name].exitcode):
+                raise Halt(f"{name} could not start ({why}); see {self.run_dir / 'alexnetd.log'}")
+            self._restart(_stage_of(name), why, name)
         return None
+
+    def _could_not_boot(self, name: str, code: int) -> bool:
+        """Exiting by itself before its first beat is a stage that cannot boot (bad data, a
+        broken install): halt with the reason rather than loop. Killed by a signal while
+        booting (SIGKILL, the OOM killer) is a crash like any other."""
+        return name not in self.booted and code >= 0
 
     def _check_silent(self) -> None:
         if self.stopping_since is not None:
@@ -406,14 +411,9 @@ class Supervisor:
                 proc.join()
                 return  # the next _reap restarts it
 
-    def _restart(self, stage: str, why: str, name: str | None = None, follow: int | None = None,
-                 booting_killed: bool = False) -> None:
+    def _restart(self, stage: str, why: str, name: str | None = None, follow: int | None = None) -> None:
         """Restart a stage's processes. A trainer restart with several nodes is the
-        group's: this node ends the round (or `follow`s the round another node began).
-        An input stage that exited by itself before its first beat cannot boot: halt;
-        one killed by a signal then (`booting_killed`) is restarted like any crash."""
-        if name is not None and name not in self.booted and not booting_killed:
-            raise Halt(f"{name} could not start ({why}); see {self.run_dir / 'alexnetd.log'}")
+        group's: this node ends the round (or `follow`s the round another node began)."""
         now = time.monotonic()
         times = self.restart_times[stage]
         while times and now - times[0] > RESTART_WINDOW:

@@ -11,7 +11,7 @@ import pytest
 
 from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.jpeg import Decoder, SkipSample
-from daemon_helpers import cli, free_port, start_args, status, wait_exit, wait_for
+from daemon_helpers import alive, cli, free_port, start_args, status, wait_exit, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import chaos  # noqa: E402  (bench/ is not a package)
@@ -162,14 +162,7 @@ def test_a_stage_whose_parent_died_while_it_booted_still_exits(tmp_path):
     pid = int(out.stdout.split()[0])
     wait_for(lambda: marker.exists(), timeout=60, every=0.1, what="the stage to boot")
 
-    def gone():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        stat = Path(f"/proc/{pid}/stat")
-        return stat.exists() and stat.read_text().split(") ")[-1].startswith("Z")
-    wait_for(gone, timeout=30, every=0.1, what="the orphaned stage to exit")
+    wait_for(lambda: not alive(pid), timeout=30, every=0.1, what="the orphaned stage to exit")
 
 
 def test_a_stage_killed_while_it_boots_is_restarted_not_a_halt(prepared_data, tmp_path):
@@ -178,16 +171,14 @@ def test_a_stage_killed_while_it_boots_is_restarted_not_a_halt(prepared_data, tm
     import os
     import signal
 
-    from alexnetd.service.control import request
-
     run_dir = tmp_path / "run"
     cli(*start_args(prepared_data, run_dir, free_port(), "--val-every", 0), check=True)
     try:
         first = wait_for(lambda: (s := status(run_dir)) and s["step"] >= 1 and s, what="training")
         os.kill(first["processes"]["augmenter-0"], signal.SIGKILL)
         # The input side's new loader, killed at once: it cannot have beaten yet.
-        new = wait_for(lambda: (p := request(run_dir, "status")["status"]["processes"]).get("loader")
-                       not in (None, first["processes"]["loader"]) and p, every=0.01, what="a new loader")
+        new = wait_for(lambda: (s := status(run_dir)) and s["processes"].get("loader")
+                       not in (None, first["processes"]["loader"]) and s["processes"], every=0.01, what="a new loader")
         os.kill(new["loader"], signal.SIGKILL)
         later = wait_for(lambda: (s := status(run_dir)) and s["step"] >= first["step"] + 3 and s,
                          what="training to go on")
