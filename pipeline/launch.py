@@ -28,11 +28,10 @@ from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
-from alexnetd.pipeline.stage import Endpoints
+from alexnetd.pipeline.stage import Endpoints, spawn_context
 
 __all__ = ["InputPipeline", "input_stages", "default_augmenters", "default_slots", "spawn_context"]
 
-spawn_context = multiprocessing.get_context("spawn")
 REMOTE_SLOTS = 4  # two remote workers' prefetch (pipeline/remote.py); --slots for more
 
 

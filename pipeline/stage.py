@@ -10,6 +10,7 @@ A stage busy ~100% of the time while the others starve is the one holding traini
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -21,7 +22,11 @@ import zmq
 
 from alexnetd.pipeline import wire
 
-__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "adopt_children", "STAGES", "EXIT_BOOT", "EXIT_HALT"]
+__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "adopt_children", "spawn_context", "STAGES",
+           "EXIT_BOOT", "EXIT_HALT"]
+
+# Every stage process starts with the spawn context: neither CUDA nor ZeroMQ contexts survive fork.
+spawn_context = multiprocessing.get_context("spawn")
 
 STAGES = ("loader", "augmenter", "copier", "trainer")
 # Exit codes a stage uses to tell the supervisor not to restart it.
