@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from alexnetd.durable import fsync_dir
+
 from .size import checkpoint_bytes  # noqa: F401 - re-exported with the checkpoints
 
 __all__ = [
@@ -79,15 +81,6 @@ def _check_plain(value, where: str) -> None:
         return
     raise CheckpointError(f"checkpoint value {where} is a {type(value).__name__}; only "
                           "tensors and plain Python values load with weights_only=True")
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _WriteErrors:
@@ -155,7 +148,7 @@ def save_checkpoint(path_dir: str | os.PathLike, state: dict, keep: int = 3) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(d)
+    fsync_dir(d)
     for step, p in list_checkpoints(d)[:-keep]:
         if p != final:
             p.unlink(missing_ok=True)

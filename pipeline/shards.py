@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnetd.durable import fsync_dir
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -436,7 +438,7 @@ class PreparedWriter:
         }
         manifest.update(extra or {})
         _write_json(self.tmp / "manifest.json", manifest)
-        _fsync_dir(self.tmp)
+        fsync_dir(self.tmp)
         replace_dir(self.tmp, self.out, self.force)
         self._committed = True
         return self.out
@@ -481,17 +483,9 @@ def replace_dir(tmp: Path, out: Path, force: bool) -> None:
         old = out.parent / f"{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(tmp, out)  # fails (ENOTEMPTY/EEXIST) if `out` appeared meanwhile
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
