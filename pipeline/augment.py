@@ -1,4 +1,4 @@
-"""Stage 3 of the paper's pipeline: transform batch n+2 on the CPU.
+"""Stage 2, the augmenters: transform batch n+2 on the CPU (step 3 of the paper's pipeline).
 
 N processes. Each takes a job (one batch of raw JPEG bytes) and has libjpeg-turbo decode
 every image straight into its place in the batch's slot of the shared-memory ring: the

@@ -1,4 +1,5 @@
-"""Stage 2 (copy batch n+1 to the device) and the trainer's side of the input.
+"""Stage 3, the copier (copy batch n+1 to the device: step 2 of the paper's pipeline), and
+the trainer's side of the input.
 
 The copier is a thread in the trainer process. It
 - receives "seq n is in slot k" from the augmenters and puts batches back in seq order

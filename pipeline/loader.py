@@ -1,4 +1,4 @@
-"""Stage 4 of the paper's pipeline: load batch n+3 from disk.
+"""Stage 1, the loader: load batch n+3 from disk (step 4 of the paper's pipeline).
 
 One process. For each batch it waits for a free slot (a credit), reads the raw JPEG
 bytes of the batch's samples (one pread each from a prepared shard), and sends them to

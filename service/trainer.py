@@ -1,4 +1,4 @@
-"""Stage 1 of the paper's pipeline: train on batch n. The trainer process.
+"""Stage 4, the trainer: train on batch n (step 1 of the paper's pipeline). The trainer process.
 
 It hosts the copier thread (pipeline/feed.py), turns each uint8 batch into the
 network's input on the device (pipeline/transform.py), and runs the paper's recipe:
