@@ -1,4 +1,4 @@
-"""`alexnetd start`, `status`, `stop`, `demo`.
+"""`alexnetd start`, `status` and `stop` (the demo is `make demo`, not a command).
 
 `start` checks everything it can before anything is forked (config, data, run
 directory, a second daemon, the metrics port, the device, the checkpoint it would
