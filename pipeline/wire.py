@@ -9,6 +9,79 @@ Frame layout of every message on every socket:
 No pickle, ever: a peer can make us allocate at most what its frames already hold, and
 cannot make us run anything. A malformed message raises `WireError`; receivers count it
 and carry on.
+
+Every socket and the kinds it carries. The ipc:// files are named by `Endpoints`
+(pipeline/stage.py): jobs, ready and credits in RUN_DIR, or in RUN_DIR/rank<r>/ with
+several ranks; beats.sock always in RUN_DIR, one for all the node's ranks. Headers always
+hold "v", "kind" and "arrays" too; n is the batch's sample count once skipped samples are
+left out (a job's n counts them all).
+
+jobs      ipc://.../jobs.sock. The loader's PUSH binds; each augmenter's PULL connects,
+          and so do the remote gateway's and the DALI thread's (--decoder dali).
+  job       loader -> augmenter      {epoch, seq, slot, split, generation}
+                                     [jpeg bytes uint8 (back to back), offsets int64 (n+1),
+                                      labels int64 (n), sample indices int64 (n)]
+
+ready     ipc://.../ready.sock. The copier thread's PULL binds; the augmenters', the
+          gateway's, the DALI thread's and the loader's PUSH connect.
+  ready     augmenter -> copier      {epoch, seq, slot, split, n, generation,
+                                      skipped: [[sample index, reason], ...]}
+                                     [labels int64 (n), sample indices int64 (n)], and for
+                                     split "train" also [crops int16 (n, 2) top and left,
+                                      flips uint8 (n), lighting alphas float32 (n, 3)]
+  hello     loader -> copier         {generation}: every second until the sync comes
+
+credits   ipc://.../credits.sock. The loader's PULL binds; the copier thread's PUSH
+          connects.
+  sync      copier -> loader         {generation, epoch, seq, free: [slot, ...]}: where the
+                                     new loader starts, and the slots it may fill
+  credit    copier -> loader         {generation, slot}: slot is free again
+
+beats     ipc://RUN_DIR/beats.sock. The supervisor's PULL binds (InputPipeline's own when
+          no supervisor runs: bench-input, tests); every stage's PUSH connects and sends
+          without blocking (a beat that would block is dropped).
+  beat      stage -> supervisor      {stage, index, rank, pid, t, counters: {busy, starved,
+                                      blocked, images, batches, malformed, skipped}}, plus:
+                                     loader: generation, free_slots; gateway: remote (its
+                                     summary: endpoint, hosts, images, refused, reissued,
+                                     local_batches); DALI thread: in_trainer (it beats as
+                                     the augmenter stage); copier: nothing more; trainer:
+                                     state, step, epoch, seq, steps_per_epoch,
+                                     batches_in_epoch, loss, lr, images_per_second, val,
+                                     checkpoint, reorder, slots_in_use, skipped, malformed,
+                                     memory, max_epochs, max_steps, checkpoint_failures,
+                                     checkpoint_error, skipped_recent. No arrays.
+
+control   ipc://RUN_DIR/control.sock (service/control.py). The supervisor's REP binds;
+          each `status` or `stop` client's REQ connects.
+  request   client -> supervisor     {cmd: "status" | "stop", now: bool (stop only)}
+  reply     supervisor -> client     {ok: true, status: {...} (status only)}
+                                     or {ok: false, error}
+
+remote    tcp://HOST:PORT+r (--remote-augmenters HOST:PORT, r the rank's place on this
+          node; pipeline/remote.py), ZeroMQ CURVE. The gateway's ROUTER binds, as CURVE server, its ZAP handler admitting
+          only the keys in RUN_DIR/remote/clients/; each `alexnetd augment` worker's
+          DEALER connects. The ROUTER adds the peer's routing frame before frame 0.
+  beat      worker -> gateway        {prefetch, host, worker, workers}: on connect, then
+                                     every second
+  beat      gateway -> worker        {} answering each beat, or {revoked: true}
+  job       gateway -> worker        the loader's job, header fields and arrays as they came
+  pixels    worker -> gateway        {epoch, seq, generation, skipped: [[sample index,
+                                      reason], ...]}
+                                     [kept positions int64 (k), pixels uint8
+                                      (k, 256, 256, 3)]
+
+inproc    inproc://feed-<id>: two PAIR sockets per Feed (pipeline/feed.py), in two
+          threads of the trainer process. The trainer thread's end binds, the copier
+          thread's connects. Only keys cross it: the batch itself stays in the Feed.
+  handed    copier -> trainer        {key: [epoch, seq]}: the batch is ready to take
+  released  trainer -> copier        {key: [epoch, seq], event}: the step is done with that
+                                     batch; event names the CUDA event recorded after
+                                     the step (-1 on the CPU and with DALI). No arrays.
+
+Not framed here: the ZAP handler's inproc REP (RFC 27's own frames) and the gateway's
+socket monitor, and what nodes and ranks exchange through torch.distributed (its TCPStore
+holds JSON text, service/group.py; model/broadcast.py sends tensors).
 """
 
 from __future__ import annotations
