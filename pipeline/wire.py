@@ -71,9 +71,9 @@ remote    tcp://HOST:PORT+r (--remote-augmenters HOST:PORT, r the rank's place o
                                      [kept positions int64 (k), pixels uint8
                                       (k, 256, 256, 3)]
 
-inproc    inproc://feed-<id>: two PAIR sockets per Feed (pipeline/feed.py), in two
+inproc    inproc://copier-<id>: two PAIR sockets per Copier (pipeline/copier.py), in two
           threads of the trainer process. The trainer thread's end binds, the copier
-          thread's connects. Only keys cross it: the batch itself stays in the Feed.
+          thread's connects. Only keys cross it: the batch itself stays in the Copier.
   handed    copier -> trainer        {key: [epoch, seq]}: the batch is ready to take
   released  trainer -> copier        {key: [epoch, seq], event}: the step is done with that
                                      batch; event names the CUDA event recorded after
