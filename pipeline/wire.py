@@ -59,9 +59,11 @@ control   ipc://RUN_DIR/control.sock (service/control.py). The supervisor's REP 
                                      or {ok: false, error}
 
 remote    tcp://HOST:PORT+r (--remote-augmenters HOST:PORT, r the rank's place on this
-          node; pipeline/remote.py), ZeroMQ CURVE. The gateway's ROUTER binds, as CURVE server, its ZAP handler admitting
-          only the keys in RUN_DIR/remote/clients/; each `alexnetd augment` worker's
-          DEALER connects. The ROUTER adds the peer's routing frame before frame 0.
+          node), ZeroMQ CURVE. The gateway's ROUTER (pipeline/remote.py) binds, as CURVE
+          server, its ZAP handler admitting only the keys in RUN_DIR/remote/clients/
+          (pipeline/curvekeys.py); each `alexnetd augment` worker's DEALER
+          (pipeline/remoteworker.py) connects. The ROUTER adds the peer's routing frame
+          before frame 0.
   beat      worker -> gateway        {prefetch, host, worker, workers}: on connect, then
                                      every second
   beat      gateway -> worker        {} answering each beat, or {revoked: true}
