@@ -22,14 +22,13 @@ import numpy as np
 import zmq
 
 from alexnetd.pipeline import wire
+from alexnetd.pipeline.jobloop import job_sockets, run_jobs
 from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample
 from alexnetd.pipeline.plan import train_draws
 from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
 __all__ = ["run_augmenter", "augment_batch", "decode_batch", "ready_fields"]
-
-POLL_MS = 200
 
 
 def run_augmenter(cfg: dict) -> None:
@@ -40,33 +39,11 @@ def run_augmenter(cfg: dict) -> None:
     decoder = Decoder(max_pixels=cfg.get("max_pixels") or DEFAULT_MAX_PIXELS, fast=True)
     ends = cfg["endpoints"]
     ctx = zmq.Context()
-    jobs = ctx.socket(zmq.PULL)
-    # Take one job at a time: a job waiting in a busy augmenter's queue is a batch the
-    # idle ones cannot start.
-    jobs.setsockopt(zmq.RCVHWM, 1)
-    jobs.setsockopt(zmq.LINGER, 0)
-    jobs.connect(ends["jobs"])
-    ready = ctx.socket(zmq.PUSH)
-    ready.setsockopt(zmq.LINGER, 1000)
-    ready.connect(ends["ready"])
+    jobs, ready = job_sockets(ctx, ends)
     clock = StageClock()
     beat = Heartbeat(ctx, ends.get("beats"), "augmenter", index=cfg.get("index", 0), rank=cfg.get("rank", 0))
-
-    while not stop.stopping:
-        with clock.timing("starved"):
-            has_job = jobs.poll(POLL_MS)
-        if has_job:
-            try:
-                job = wire.recv(jobs)
-            except wire.WireError:
-                clock.malformed += 1
-                continue
-            with clock.timing("busy"):
-                out = augment_batch(job, ring, decoder, cfg["seed"], clock)
-            with clock.timing("blocked"):
-                wire.send(ready, "ready", out.pop("arrays"), **out)
-            clock.batches += 1
-        beat.maybe(clock)
+    run_jobs(jobs, ready, clock, beat, lambda job: augment_batch(job, ring, decoder, cfg["seed"], clock),
+             lambda: stop.stopping)
     beat.maybe(clock, force=True)
     ctx.destroy(linger=1000)
     ring.close()

@@ -40,6 +40,7 @@ import torch
 import zmq
 
 from alexnetd.pipeline import wire
+from alexnetd.pipeline.jobloop import job_sockets, run_jobs
 from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample
 from alexnetd.pipeline.plan import train_draws
 from alexnetd.pipeline.ring import CROP, IMAGE
@@ -167,31 +168,11 @@ class DaliAugmenter:
 
     def _loop(self) -> None:
         ctx = zmq.Context.instance()
-        jobs = ctx.socket(zmq.PULL)
-        jobs.setsockopt(zmq.RCVHWM, 1)
-        jobs.setsockopt(zmq.LINGER, 0)
-        jobs.connect(self.ends["jobs"])
-        ready = ctx.socket(zmq.PUSH)
-        ready.setsockopt(zmq.LINGER, 0)
-        ready.connect(self.ends["ready"])
+        jobs, ready = job_sockets(ctx, self.ends, ready_linger=0)
         # Reported as the augmenter stage, so status and the bottleneck view stay true.
         beat = Heartbeat(ctx, self.ends.get("beats"), "augmenter", index=0, rank=self.rank, in_trainer=True)
         try:
-            while not self._stop.is_set():
-                with self.clock.timing("starved"):
-                    has_job = jobs.poll(POLL_MS)
-                if has_job:
-                    try:
-                        job = wire.recv(jobs)
-                    except wire.WireError:
-                        self.clock.malformed += 1
-                        continue
-                    with self.clock.timing("busy"):
-                        out = self.augment(job)
-                    with self.clock.timing("blocked"):
-                        wire.send(ready, "ready", out.pop("arrays"), **out)
-                    self.clock.batches += 1
-                beat.maybe(self.clock)
+            run_jobs(jobs, ready, self.clock, beat, self.augment, self._stop.is_set)
         finally:
             for sock in (jobs, ready):
                 sock.close(linger=0)
