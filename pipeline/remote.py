@@ -1,6 +1,7 @@
 """Remote augmenters: CPU hosts that decode batches for the trainer's host, over TCP.
 
-Two ends of one protocol, in this file:
+Two ends of one protocol: the gateway in this file, the worker in pipeline/remoteworker.py
+(which takes the shared constants from here).
 
 gateway (`run_gateway`): one process per rank on the trainer's host, started with the
     input side when the daemon runs with `--remote-augmenters HOST:PORT`. To the loader
@@ -14,7 +15,7 @@ gateway (`run_gateway`): one process per rank on the trainer's host, started wit
     stalls nor loses a batch, and a batch is handed on once (the first result for an
     assignment wins; late ones from a worker it was taken from are dropped).
 
-remote worker (`run_remote`): `alexnetd augment --connect HOST:PORT --key FILE
+remote worker (`remoteworker.run_remote`): `alexnetd augment --connect HOST:PORT --key FILE
     --workers N` on a CPU host. N processes, each one DEALER connection, decode with
     the local augmenters' code (augment.decode_batch) into their own buffer and send
     the pixels back.
@@ -30,15 +31,14 @@ Messages (all pipeline/wire.py frames; the ROUTER adds a routing frame in front)
 What crosses the network: a batch's raw JPEG bytes, labels and sample indices out;
 decoded uint8 pixels back (about 25 MB per batch of 128). CURVE encrypts both ways and
 authenticates both ends: the worker knows the daemon's public key from its key file,
-and the gateway's ZAP handler admits only public keys in RUN_DIR/remote/clients/
-(service/keys.py). The key's name becomes the host's name in status and metrics.
+and the gateway admits only public keys in RUN_DIR/remote/clients/ (pyzmq's zmq.auth
+authenticator, asking pipeline/curvekeys.py). The key's name becomes the host's name in
+status and metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 import time
 from collections import deque
@@ -46,15 +46,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.augment import decode_batch, ready_fields
+from alexnetd.pipeline.curvekeys import AllowedKeys, server_keypair
+from alexnetd.pipeline.jobloop import job_sockets, send_ready, take_job
 from alexnetd.pipeline.jpeg import REASONS, Decoder
+from alexnetd.pipeline.netaddr import format_addr, parse_addr
 from alexnetd.pipeline.ring import IMAGE, Ring
-from alexnetd.pipeline.stage import BEAT_SECONDS, Heartbeat, StageClock, StopFlag, adopt_children
+from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
-__all__ = ["run_gateway", "run_remote", "remote_endpoint", "RemoteRefused", "HOST_TIMEOUT", "PREFETCH"]
+__all__ = ["run_gateway", "remote_endpoint", "HOST_TIMEOUT", "PREFETCH", "POLL_MS", "HANDSHAKE_FAILED"]
 
 log = logging.getLogger("alexnetd.remote")
 
@@ -63,23 +67,15 @@ PREFETCH = 2          # jobs a worker holds: one decoding, one on the wire
 MAX_PREFETCH = 8      # what a worker may ask for: each held job is a ring slot
 POLL_MS = 100
 RATE_WINDOW = 10.0    # seconds over which a host's images/s is computed
-ALLOW_RELOAD = 2.0    # seconds between re-reads of the allowed keys (revocation)
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = "alexnetd"
 HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-EXIT_REFUSED = 2      # the worker's exit code when the daemon will not have its key
-
-
-class RemoteRefused(Exception):
-    """The daemon refused this worker, or never answered; the message is one line."""
 
 
 def remote_endpoint(addr: str, rank: int = 0) -> tuple[str, bool]:
     """'HOST:PORT' -> (ZeroMQ tcp endpoint, is IPv6). Rank r listens on PORT + r."""
-    host, _, port = addr.rpartition(":")
-    host = host.strip("[]")
-    ipv6 = ":" in host
-    return f"tcp://{'[' + host + ']' if ipv6 else host}:{int(port) + rank}", ipv6
+    host, port = parse_addr(addr, "remote augmenter address")
+    return f"tcp://{format_addr(host, port + rank)}", ":" in host
 
 
 # ---------------------------------------------------------------------- the gateway
@@ -117,9 +113,6 @@ def run_gateway(cfg: dict) -> None:
 
 class _Gateway:
     def __init__(self, cfg: dict):
-        from alexnetd.service.keys import allowed_clients, server_keypair
-
-        self._allowed_clients = allowed_clients
         remote = cfg["remote"]
         self.keys_dir = remote["keys_dir"]
         self.host_timeout = float(remote.get("host_timeout") or HOST_TIMEOUT)
@@ -128,25 +121,20 @@ class _Gateway:
         self.decoder = Decoder(fast=True)
         ends = cfg["endpoints"]
         self.ctx = zmq.Context()
-        # ZAP first: a CURVE socket bound before the handler exists would admit anyone
-        # holding the server's public key.
-        self.zap = self.ctx.socket(zmq.REP)
-        self.zap.setsockopt(zmq.LINGER, 0)
-        self.zap.bind(ZAP_ENDPOINT)
-        self.jobs = self.ctx.socket(zmq.PULL)
-        self.jobs.setsockopt(zmq.RCVHWM, 1)  # as an augmenter: take a job only when it can start it
-        self.jobs.setsockopt(zmq.LINGER, 0)
-        self.jobs.connect(ends["jobs"])
-        self.ready = self.ctx.socket(zmq.PUSH)
-        self.ready.setsockopt(zmq.LINGER, 1000)
-        self.ready.connect(ends["ready"])
+        # The authenticator first: a CURVE socket bound before a ZAP handler exists would
+        # admit anyone holding the server's public key.
+        self.allowed = AllowedKeys(self.keys_dir)
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allowed)
+        self.auth.start()
+        self.jobs, self.ready = job_sockets(self.ctx, ends)  # as an augmenter: one job at a time
         public, secret = server_keypair(self.keys_dir)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer is an error, not a silent drop
         self.router.curve_server = True
         self.router.curve_publickey, self.router.curve_secretkey = public, secret
-        self.router.zap_domain = b"alexnetd"
+        self.router.zap_domain = ZAP_DOMAIN.encode()
         # ZMTP heartbeats close a connection whose peer vanished without a FIN.
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
@@ -161,8 +149,6 @@ class _Gateway:
         self.hosts: dict[str, _Host] = {}
         self.pending: list[wire.Message] = []    # jobs taken from the loader, not yet assigned
         self.refused = self.reissued = self.local_batches = 0
-        self.allowed: dict[bytes, str] = {}
-        self.allowed_at = 0.0
         log.info("listening for remote augmenters on %s", self.endpoint)
 
     def _bind(self) -> None:
@@ -179,6 +165,7 @@ class _Gateway:
 
     def close(self) -> None:
         self.beat.maybe(self.clock, force=True, remote=self.summary())
+        self.auth.stop()  # its thread polls a socket of this context: end it before the context
         self.ctx.destroy(linger=0)
         self.ring.close()
 
@@ -186,7 +173,7 @@ class _Gateway:
 
     def run(self, stop: StopFlag) -> None:
         poller = zmq.Poller()
-        for sock in (self.router, self.zap, self.monitor):
+        for sock in (self.router, self.monitor):
             poller.register(sock, zmq.POLLIN)
         while not stop.stopping:
             # Take a job from the loader only when a worker can start it at once (or
@@ -198,8 +185,6 @@ class _Gateway:
             state = "busy" if self.pending or any(w.jobs for w in self.workers.values()) else "starved"
             with self.clock.timing(state):
                 events = dict(poller.poll(POLL_MS))
-            if self.zap in events:
-                self._answer_zap()
             if self.monitor in events:
                 self._count_refused()
             if self.router in events:
@@ -216,14 +201,9 @@ class _Gateway:
                 self.beat.maybe(self.clock, remote=self.summary())
 
     def _take_jobs(self) -> None:
-        try:
-            job = wire.recv(self.jobs, zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        except wire.WireError:
-            self.clock.malformed += 1
-            return
-        self.pending.append(job)
+        job = take_job(self.jobs, self.clock, zmq.NOBLOCK)
+        if job is not None:
+            self.pending.append(job)
 
     def _assign(self) -> None:
         while self.pending:
@@ -251,10 +231,7 @@ class _Gateway:
         self.local_batches += 1
 
     def _send_ready(self, job: wire.Message, kept: np.ndarray, skipped: list) -> None:
-        out = ready_fields(job, kept, skipped, self.seed)
-        with self.clock.timing("blocked"):
-            wire.send(self.ready, "ready", out.pop("arrays"), **out)
-        self.clock.batches += 1
+        send_ready(self.ready, self.clock, ready_fields(job, kept, skipped, self.seed))
 
     # -- workers -------------------------------------------------------------------
 
@@ -273,10 +250,11 @@ class _Gateway:
             except wire.WireError:
                 self.clock.malformed += 1
                 continue
-            # The ZAP handler's verdict rides on every frame: the key's name.
-            host = frames[1].get("User-Id")
+            # The authenticator's verdict rides on every frame: zmq.auth makes the key
+            # itself (Z85) the User-Id, and clients/ names it; a revoked key has no name.
+            host = self.allowed.name_of(frames[1].get("User-Id"))
             worker = self.workers.get(ident)
-            if host not in self._allowed().values():
+            if host is None:
                 # Revoked since it connected: drop it, and tell it why.
                 if worker is not None:
                     self._drop(worker, "its key was revoked")
@@ -348,25 +326,8 @@ class _Gateway:
         worker.jobs = {}
 
     # -- security --------------------------------------------------------------------
-
-    def _allowed(self) -> dict[bytes, str]:
-        if time.monotonic() - self.allowed_at > ALLOW_RELOAD:
-            self.allowed, self.allowed_at = self._allowed_clients(self.keys_dir), time.monotonic()
-        return self.allowed
-
-    def _answer_zap(self) -> None:
-        """ZeroMQ's authentication protocol (RFC 27): admit a CURVE key listed in clients/."""
-        frames = self.zap.recv_multipart()
-        if len(frames) < 6:
-            return
-        version, request_id, mechanism = frames[0], frames[1], frames[5]
-        self.allowed_at = 0.0  # every handshake sees the current list
-        name = self._allowed().get(frames[6]) if mechanism == b"CURVE" and len(frames) > 6 else None
-        if name is None:
-            # Counted through the monitor's handshake-failed event, with the other failures.
-            self.zap.send_multipart([version, request_id, b"400", b"key not allowed", b"", b""])
-        else:
-            self.zap.send_multipart([version, request_id, b"200", b"OK", name.encode(), b""])
+    # Who may connect is zmq.auth's (self.auth, asking self.allowed); what is left here is
+    # counting the connections it refused, which libzmq reports on the monitor socket.
 
     def _count_refused(self) -> None:
         while self.monitor.poll(0):
@@ -420,137 +381,3 @@ def _check_pixels(job: wire.Message, msg: wire.Message):
     dropped = np.setdiff1d(np.arange(n), kept)
     skipped = [[int(indices[p]), reasons.get(int(indices[p]), "undecodable")] for p in dropped]
     return kept, pixels, skipped
-
-
-# ---------------------------------------------------------------------- the remote host
-
-def run_remote(connect: str, key, workers: int = 1, connect_timeout: float = 30.0) -> int:
-    """`alexnetd augment`: N worker processes (one runs in this process when N is 1).
-    Returns the exit code; raises RemoteRefused with a one-line reason."""
-    cfg = dict(connect=connect, name=key.name, public=key.public, secret=key.secret, server=key.server_public,
-               workers=workers, connect_timeout=connect_timeout)
-    if workers == 1:
-        return _worker_loop(dict(cfg, index=0))
-    from alexnetd.pipeline.launch import spawn_context
-
-    adopt_children()
-    procs = [spawn_context.Process(target=_worker_main, args=(dict(cfg, index=i),), name=f"alexnetd-remote-{i}")
-             for i in range(workers)]
-    stop = StopFlag()
-    for proc in procs:
-        proc.start()
-    try:
-        while not stop.stopping:
-            codes = [p.exitcode for p in procs if p.exitcode is not None]
-            if codes:
-                # One refused means all are (one key): stop the others and say so.
-                raise RemoteRefused(_refusal_line(cfg)) if EXIT_REFUSED in codes else SystemExit(max(codes))
-            time.sleep(0.2)
-        return 0
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-
-
-def _worker_main(cfg: dict) -> None:
-    """A child worker process: the same loop, its refusal as an exit code (printed by the parent)."""
-    try:
-        sys.exit(_worker_loop(cfg))
-    except RemoteRefused:
-        sys.exit(EXIT_REFUSED)
-
-
-def _refusal_line(cfg: dict) -> str:
-    return cfg.get("refusal") or (f"the daemon at {cfg['connect']} refused key {cfg['name']!r} "
-                                  "(unknown or revoked; `alexnetd keys list` on the daemon's host)")
-
-
-def _worker_loop(cfg: dict) -> int:
-    stop = StopFlag()
-    endpoint, ipv6 = remote_endpoint(cfg["connect"])
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.ipv6 = ipv6
-    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = cfg["server"], cfg["public"], cfg["secret"]
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)      # queue only on a live connection: no results for a dead daemon
-    sock.setsockopt(zmq.SNDTIMEO, 2000)
-    sock.setsockopt(zmq.RECONNECT_IVL, 500)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-    monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
-    sock.connect(endpoint)
-    decoder, clock = Decoder(fast=True), StageClock()
-    buffers: list = [None, None]
-    trackers: list = [None, None]
-    turn = 0
-    started = last_heard = time.monotonic()
-    last_beat, joined, lost = 0.0, False, False
-    host = socket.gethostname()
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(monitor, zmq.POLLIN)
-    try:
-        while not stop.stopping:
-            now = time.monotonic()
-            if now - last_beat >= BEAT_SECONDS * 2:
-                try:
-                    wire.send(sock, "beat", flags=zmq.NOBLOCK, prefetch=PREFETCH, host=host, worker=cfg["index"],
-                              workers=cfg["workers"])
-                except zmq.Again:
-                    pass  # not connected yet
-                last_beat = now
-            if not joined and now - started > cfg["connect_timeout"]:
-                raise RemoteRefused(f"no answer from {cfg['connect']} within {cfg['connect_timeout']:.0f} s: "
-                                    "is the daemon running with --remote-augmenters there, and the port reachable?")
-            if joined and not lost and now - last_heard > HOST_TIMEOUT:
-                lost = True
-                print(f"lost the daemon at {cfg['connect']}; reconnecting", file=sys.stderr, flush=True)
-            events = dict(poller.poll(POLL_MS))
-            if monitor in events:
-                event = recv_monitor_message(monitor)
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    raise RemoteRefused(_refusal_line(cfg))
-                if event["event"] & HANDSHAKE_FAILED:
-                    raise RemoteRefused(f"{cfg['connect']} refused the handshake: the key file was made for another "
-                                        "daemon (its server key does not match), or that is not an alexnetd daemon")
-            if sock not in events:
-                continue
-            try:
-                msg = wire.recv(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            except wire.WireError:
-                continue
-            last_heard, lost = time.monotonic(), False
-            if msg.kind == "beat":
-                if msg.get("revoked"):
-                    raise RemoteRefused(f"the daemon at {cfg['connect']} revoked key {cfg['name']!r}")
-                if not joined:
-                    joined = True
-                    print(f"connected to {cfg['connect']} as {cfg['name']!r} (worker {cfg['index'] + 1} of "
-                          f"{cfg['workers']})", file=sys.stderr, flush=True)
-            elif msg.kind == "job":
-                n = len(msg.arrays[3])
-                # Two buffers in turn, so decoding the next job overlaps sending this
-                # one; a buffer zmq still sends from is never written (copy=False).
-                if buffers[turn] is None or len(buffers[turn]) < n or \
-                        (trackers[turn] is not None and not trackers[turn].done):
-                    buffers[turn] = np.empty((max(n, 1), IMAGE, IMAGE, 3), np.uint8)
-                kept, skipped = decode_batch(msg, buffers[turn], decoder, clock)
-                frames = wire.encode("pixels", [kept, buffers[turn][:len(kept)]], epoch=msg["epoch"],
-                                     seq=msg["seq"], generation=msg["generation"], skipped=skipped)
-                try:
-                    trackers[turn] = sock.send_multipart(frames, copy=False, track=True)
-                except zmq.Again:
-                    pass  # the daemon went away: it re-issues this job elsewhere
-                turn = 1 - turn
-        return 0
-    finally:
-        ctx.destroy(linger=0)

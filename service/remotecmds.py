@@ -82,14 +82,14 @@ def keys_revoke(run_dir, name):
               help="Seconds to wait for the daemon's first answer.")
 def augment(connect, key_file, workers, connect_timeout):
     """Decode batches for a daemon on another host (run this on a CPU host)."""
-    from alexnetd.pipeline.remote import RemoteRefused, run_remote
-    from alexnetd.service.config import ConfigError, parse_addr
+    from alexnetd.pipeline.netaddr import AddressError, parse_addr
+    from alexnetd.pipeline.remoteworker import RemoteRefused, run_remote
     from alexnetd.service.keys import KeyFileError, read_client_key
 
     try:
         parse_addr(connect, "--connect")
         key = read_client_key(key_file)
-    except (ConfigError, KeyFileError) as exc:
+    except (AddressError, KeyFileError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
         code = run_remote(connect, key, workers, connect_timeout)
