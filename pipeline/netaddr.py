@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["AddressError", "parse_addr", "format_addr", "probe_bind", "free_port"]
+__all__ = ["AddressError", "parse_addr", "format_addr", "bind_socket", "probe_bind", "free_port"]
 
 
 class AddressError(ValueError):
@@ -29,12 +29,23 @@ def format_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and to that address only; OSError if it cannot
+    be had. SO_REUSEADDR as the metrics server, ZeroMQ and the c10d store all set it: a
+    port in TIME_WAIT is free."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def probe_bind(host: str, port: int) -> None:
-    """Raise OSError unless a listener could bind (host, port) now. SO_REUSEADDR as the
-    metrics server, ZeroMQ and the c10d store all set it: a port in TIME_WAIT is free."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    """Raise OSError unless a listener could bind (host, port) now (preflight checks)."""
+    bind_socket(host, port).close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

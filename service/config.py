@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from alexnetd.pipeline import netaddr
+
 __all__ = ["Config", "ConfigError", "load_config", "group_size", "parse_addr", "resolve_device", "world_size"]
 
 
@@ -136,11 +138,12 @@ def group_size(config: Config) -> int:
 
 
 def parse_addr(addr: str, what: str = "metrics_addr") -> tuple[str, int]:
-    """'HOST:PORT' -> (host, port)."""
-    host, sep, port = str(addr).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what} {addr!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    """'HOST:PORT' -> (host, port): netaddr's parse, failing as a ConfigError (which the
+    CLI prints as one line)."""
+    try:
+        return netaddr.parse_addr(addr, what)
+    except netaddr.AddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # NVIDIA's driver (its /proc entry and control device) and ROCm's kernel driver.

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from alexnetd.pipeline.netaddr import probe_bind
 from alexnetd.service.config import (Config, ConfigError, group_size, load_config, parse_addr, resolve_device,
                                      world_size)
 from alexnetd.service.control import NotRunning, PidFile, request
@@ -193,14 +193,10 @@ def preflight(config: Config, fresh: bool) -> None:
     holder = PidFile(run_dir).holder()
     if holder is not None:
         raise click.ClickException(f"alexnetd is already running in {run_dir} (pid {holder}); `alexnetd stop` first")
-    host, port = parse_addr(config.metrics_addr)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        # The metrics server sets SO_REUSEADDR too: a port in TIME_WAIT is free for it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
+    try:
+        probe_bind(*parse_addr(config.metrics_addr))
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
     if config.remote_augmenters:
         _check_remote(config, world)
     if config.nodes > 1 and config.node_rank == 0:
@@ -251,14 +247,11 @@ def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> Non
 
 def _check_rendezvous(addr: str) -> None:
     """Node 0 serves the group's store on --rendezvous: it must be one of its addresses."""
-    host, port = parse_addr(addr, "rendezvous")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise click.ClickException(f"node 0 cannot listen for the rendezvous on {addr}: {exc.strerror} "
-                                       "(--rendezvous on node 0 must be its own address, and the port free)") from None
+    try:
+        probe_bind(*parse_addr(addr, "rendezvous"))
+    except OSError as exc:
+        raise click.ClickException(f"node 0 cannot listen for the rendezvous on {addr}: {exc.strerror} "
+                                   "(--rendezvous on node 0 must be its own address, and the port free)") from None
 
 
 def _check_remote(config: Config, world: int) -> None:
@@ -272,13 +265,11 @@ def _check_remote(config: Config, world: int) -> None:
         raise click.ClickException(str(exc)) from None
     host, port = parse_addr(config.remote_augmenters)
     for rank in range(world):
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
-            try:
-                probe.bind((host, port + rank))
-            except OSError as exc:
-                raise click.ClickException(f"cannot listen for remote augmenters on {host}:{port + rank}: "
-                                           f"{exc.strerror}") from None
+        try:
+            probe_bind(host, port + rank)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen for remote augmenters on {host}:{port + rank}: "
+                                       f"{exc.strerror}") from None
     if not any(row["state"] == "allowed" for row in list_clients(config.run_dir)):
         click.echo(f"note: no remote augmenter keys yet; add one with `alexnetd keys --run-dir {config.run_dir} add NAME`")
 

@@ -35,6 +35,8 @@ import struct
 import time
 from datetime import timedelta
 
+from alexnetd.pipeline.netaddr import bind_socket, parse_addr
+
 __all__ = ["GroupError", "GroupLost", "NodeGroup", "join_trainers", "local_address", "interface_of"]
 
 BEAT_SECONDS = 2.0
@@ -82,8 +84,7 @@ class NodeGroup:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.addr.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_addr(self.addr, "rendezvous")
 
     @property
     def first_rank(self) -> int:
@@ -101,13 +102,9 @@ class NodeGroup:
         from torch.distributed import TCPStore
 
         host, port = self.host_port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            listener.bind((host, port))
+            listener = bind_socket(host, port)
         except OSError as exc:
-            listener.close()
             raise GroupError(f"cannot listen for the rendezvous on {self.addr}: {exc.strerror} "
                              "(node 0's --rendezvous must be one of its own addresses, and the port free)") from None
         listener.listen(128)
@@ -276,10 +273,9 @@ def join_trainers(group: dict, device: str):
     import torch.distributed as dist
     from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
-    host, _, port = group["store"].rpartition(":")
-    host = host.strip("[]")
+    host, port = parse_addr(group["store"], "rendezvous")
     timeout = timedelta(seconds=group["timeout"])
-    store = PrefixStore(f"round{group['round']}/", TCPStore(host, int(port), None, False, timeout))
+    store = PrefixStore(f"round{group['round']}/", TCPStore(host, port, None, False, timeout))
     rank, world = group["rank"], group["world"]
     store.set(f"arrived/{rank}", "1")
     deadline = time.monotonic() + group["timeout"]
