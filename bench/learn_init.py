@@ -34,13 +34,13 @@ def main(bias_init: str, lr: float, batch: int, steps: int) -> None:
         losses, hits = [], []
         print("step  loss(10-step mean)  train accuracy")
         for step in range(1, steps + 1):
-            batch_ = pipe.feed.next_batch(60_000)
+            batch_ = pipe.copier.next_batch(60_000)
             logits = model(transform.train(batch_.images, batch_.crops, batch_.flips, batch_.alphas))
             loss = F.cross_entropy(logits, batch_.labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            pipe.feed.release(batch_)
+            pipe.copier.release(batch_)
             losses.append(loss.item())
             hits.append((logits.argmax(1) == batch_.labels).float().mean().item())
             if step % 10 == 0:

@@ -9,16 +9,16 @@ The two rows alternate (local, remote, local, remote, ...) for --rounds rounds a
 median of each is reported: on a shared machine, load that comes and goes then falls on
 both rows alike.
 
-Both rows run the real input side (loader, augmenter, feed; a trainer that discards each
+Both rows run the real input side (loader, augmenter, copier; a trainer that discards each
 batch, as `bench-input` does); the second adds the gateway and one `alexnetd augment`
 process connected over CURVE-encrypted TCP on 127.0.0.1, so every batch it makes is
 JPEG bytes out and 256x256 uint8 pixels back through the kernel's TCP stack.
 
 A remote host brings its own cores. To stand in for that on one machine, by default the
-trainer's side (loader, augmenter, gateway, feed) is pinned to the first allowed CPU and
+trainer's side (loader, augmenter, gateway, copier) is pinned to the first allowed CPU and
 the remote worker to the second, in both rows: "1 local" then has one core, and the
 remote row one more, as a CPU host on the network would add. On a 2-core machine that
-is all there is, so the loader, feed and gateway share the local augmenter's core, and
+is all there is, so the loader, copier and gateway share the local augmenter's core, and
 the ratio says what one remote core adds on top of one busy local core, not what a
 bigger box would see. Without --pin every process may use every core.
 """
@@ -67,17 +67,17 @@ def free_port() -> int:
 
 def measure(pipe: InputPipeline, seconds: float) -> tuple[float, int]:
     for _ in range(WARMUP_BATCHES):  # spawn, imports, first reads are not throughput
-        batch = pipe.feed.next_batch(timeout_ms=120_000)
+        batch = pipe.copier.next_batch(timeout_ms=120_000)
         if batch is None:
             raise SystemExit("the input pipeline delivered nothing in 120 s")
-        pipe.feed.release(batch)
+        pipe.copier.release(batch)
     images, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = pipe.feed.next_batch(timeout_ms=60_000)
+        batch = pipe.copier.next_batch(timeout_ms=60_000)
         if batch is None:
             raise SystemExit("the input pipeline stalled for 60 s")
         images += batch.n
-        pipe.feed.release(batch)
+        pipe.copier.release(batch)
     return images / (time.perf_counter() - start), images
 
 

@@ -3,7 +3,7 @@
 N processes. Each takes a job (one batch of raw JPEG bytes) and has libjpeg-turbo decode
 every image straight into its place in the batch's slot of the shared-memory ring: the
 whole 256x256 image, for training and validation alike, with no intermediate array and
-no copy (a prepared image's bytes are written once, by the IDCT). Then it tells the feed
+no copy (a prepared image's bytes are written once, by the IDCT). Then it tells the copier
 "seq n is in slot k" with the labels and, for training, each sample's crop offset, flip
 and PCA lighting alphas. The random 224 crop, the mirror (§4.1), the mean subtraction
 (§2) and the lighting are all applied on the device in one gather

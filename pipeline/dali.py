@@ -7,7 +7,7 @@ training sample's random 224 crop straight on the device (`fn.decoders.image_cro
 device="mixed": nvJPEG or the hardware JPEG decoder; so the JPEGs cross PCIe compressed),
 then mirrors it (`fn.flip`). Validation images are decoded whole (crop 256x256). The
 crop, flip and lighting draws are the same deterministic ones the augmenters send
-(plan.train_draws), and the thread sends the feed the same "ready" message, so order,
+(plan.train_draws), and the thread sends the copier the same "ready" message, so order,
 labels, crops and everything after the decode are those of the CPU path.
 
 On a machine without CUDA the same pipeline runs on DALI's CPU backend, which is how the
@@ -48,7 +48,6 @@ from alexnetd.pipeline.stage import Heartbeat, StageClock
 
 __all__ = ["DaliDecoder", "DaliAugmenter", "dali_missing"]
 
-POLL_MS = 200
 _EOI = b"\xff\xd9"
 
 
@@ -134,7 +133,7 @@ class DaliDecoder:
 class DaliAugmenter:
     """The augmenter stage as a thread of the trainer process: jobs in, device batches out.
 
-    Decoded batches wait in `decoded[(generation, epoch, seq)]` for the feed, which takes
+    Decoded batches wait in `decoded[(generation, epoch, seq)]` for the copier, which takes
     them instead of reading a ring slot; the ring slots stay what bounds the work in
     flight (the loader still needs a credit per batch)."""
 
@@ -162,7 +161,7 @@ class DaliAugmenter:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # surfaced by the feed through `error`
+        except BaseException as exc:  # surfaced by the copier through `error`
             self.error = exc
             raise
 
@@ -183,9 +182,9 @@ class DaliAugmenter:
         epoch, split, generation = job["epoch"], job["split"], job["generation"]
         if generation != self._generation:  # a new loader: what the old one made is stale
             self._generation = generation
-            for key in list(self.decoded):  # list(): one step under the GIL, the feed pops meanwhile
+            for key in list(self.decoded):  # list(): one step under the GIL, the copier pops meanwhile
                 if key[0] != generation:
-                    self.decoded.pop(key, None)  # in place: the feed holds this dict
+                    self.decoded.pop(key, None)  # in place: the copier holds this dict
         train = split == "train"
         side = CROP if train else IMAGE
         n = len(indices)

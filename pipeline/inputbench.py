@@ -1,6 +1,6 @@
 """How fast can the input pipeline go on this machine? (`alexnetd bench-input`)
 
-Runs the real loader and augmenters and the feed, with a trainer that discards each
+Runs the real loader and augmenters and the copier, with a trainer that discards each
 batch (or, with `simulate_step_ms`, sleeps that long per batch without using the CPU,
 as a GPU step would), and measures in the same run the bare-decode ceiling: the fastest
 decode loop there is, libjpeg-turbo decoding the same files from memory into one reused
@@ -18,8 +18,9 @@ import numpy as np
 from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.pipeline.ring import IMAGE
-from alexnetd.pipeline.launch import InputPipeline, default_augmenters, spawn_context
-from alexnetd.pipeline.stage import STAGES, StageClock
+from alexnetd.pipeline.decoders import default_augmenters
+from alexnetd.pipeline.launch import InputPipeline
+from alexnetd.pipeline.stage import STAGES, StageClock, spawn_context
 
 __all__ = ["bench_input", "decode_ceiling"]
 
@@ -77,7 +78,7 @@ def _stage_totals(pipe: InputPipeline, trainer: StageClock) -> dict:
     for (stage, _index), beat in pipe.poll_beats().items():
         for key in totals[stage]:
             totals[stage][key] += beat["counters"][key]
-    for stage, clock in (("copier", pipe.feed.clock), ("trainer", trainer)):
+    for stage, clock in (("copier", pipe.copier.clock), ("trainer", trainer)):
         counters = clock.counters()
         for key in totals[stage]:
             totals[stage][key] += counters[key]
@@ -95,10 +96,10 @@ def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None
                        val_every=0, decoder=decoder, device=device) as pipe:
         n_augmenters = pipe.n_augmenters or augmenters or default_augmenters()
         for _ in range(WARMUP_BATCHES):  # start-up (spawn, imports, first reads) is not throughput
-            warm = pipe.feed.next_batch(timeout_ms=120_000)
+            warm = pipe.copier.next_batch(timeout_ms=120_000)
             if warm is None:
                 raise RuntimeError("the input pipeline delivered nothing in 120 s")
-            pipe.feed.release(warm)
+            pipe.copier.release(warm)
         # No pause here: during one the ring would fill and its batches would be counted
         # as if made in the window. The shares' start point may be one beat (0.5 s) old.
         before = _stage_totals(pipe, trainer)
@@ -106,14 +107,14 @@ def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None
         start = time.perf_counter()
         while (done < batches) if batches else (time.perf_counter() - start < seconds):
             with trainer.timing("starved"):
-                got = pipe.feed.next_batch(timeout_ms=60_000)
+                got = pipe.copier.next_batch(timeout_ms=60_000)
             if got is None:
                 raise RuntimeError("the input pipeline stalled for 60 s")
             with trainer.timing("busy"):
                 if simulate_step_ms:
                     time.sleep(simulate_step_ms / 1000.0)  # a device step: time passes, no CPU used
                 images += got.n
-            pipe.feed.release(got)
+            pipe.copier.release(got)
             trainer.images += got.n
             done += 1
         elapsed = time.perf_counter() - start

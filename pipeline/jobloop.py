@@ -4,7 +4,7 @@ Written once for every decoder that poses as the augmenter stage: the CPU augmen
 processes (pipeline/augment.py), the DALI thread in the trainer (see pipeline/decoders.py) and
 the remote augmenters' gateway (pipeline/remote.py, which polls more sockets than the
 jobs and so calls the parts, not the loop). Each accounts for its time the same way:
-starved while it waits for a job, busy while it decodes, blocked while the feed is full.
+starved while it waits for a job, busy while it decodes, blocked while the copier is full.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ POLL_MS = 200
 
 
 def job_sockets(ctx: zmq.Context, ends: dict, ready_linger: int = 1000) -> tuple[zmq.Socket, zmq.Socket]:
-    """(jobs PULL, ready PUSH), connected to the loader's and the feed's endpoints."""
+    """(jobs PULL, ready PUSH), connected to the loader's and the copier's endpoints."""
     jobs = ctx.socket(zmq.PULL)
     # Take one job at a time: a job waiting in a busy augmenter's queue is a batch the
     # idle ones cannot start.

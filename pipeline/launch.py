@@ -1,73 +1,65 @@
-"""Start and stop the input side: the loader and augmenter processes, the ring, the feed.
+"""The input side of one rank, assembled one way for the daemon, `bench-input` and the tests.
 
-Used as a context manager by `bench-input`, the tests and the trainer process:
+Two halves, because in the daemon they live in different processes:
+- `input_stages(...)`: the processes of one generation of the input side, the loader
+  (1) and the decoder's own (augmenters, 2), as name -> (entry point, config). The
+  supervisor spawns them, and restarts them together as a new generation at the
+  trainer's position, so no process of an old generation can still be writing into a
+  slot the new one uses.
+- `trainer_input(...)`: what runs inside the trainer process: the decoder's in-trainer
+  part (DALI's thread; nothing for the cpu decoder) and the copier (3), which hands the
+  trainer (4) batches in seq order.
+
+`InputPipeline` puts both halves in one process with a trainer that is the caller, for
+`bench-input`, the benchmarks and the tests:
 
     with InputPipeline(data, run_dir, batch=128, augmenters=2) as pipe:
-        batch = pipe.feed.next_batch()
+        batch = pipe.copier.next_batch()
         ...
-        pipe.feed.release(batch)
-
-Stages are started with the spawn context: neither CUDA nor ZeroMQ contexts survive fork.
-The supervisor restarts the input side through `restart_input()`: the loader and every
-augmenter are stopped together and a new generation starts at the trainer's position,
-so no process of the old generation can still be writing into a slot the new one uses.
+        pipe.copier.release(batch)
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import time
 from pathlib import Path
 
 import zmq
 
 from alexnetd.pipeline import wire
-from alexnetd.pipeline.augment import run_augmenter
 from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.decoders import default_augmenters, make_decoding
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
-from alexnetd.pipeline.stage import Endpoints, spawn_context
+from alexnetd.pipeline.stage import Endpoints, spawn_context, stop_processes
 
-__all__ = ["InputPipeline", "input_stages", "default_augmenters", "default_slots", "spawn_context"]
-
-REMOTE_SLOTS = 4  # two remote workers' prefetch (pipeline/remote.py); --slots for more
+__all__ = ["InputPipeline", "input_stages", "trainer_input"]
 
 
-def default_slots(augmenters: int, remote: bool = False) -> int:
-    """A few slots per augmenter keep every augmenter busy while the trainer holds one;
-    remote hosts get room for a few workers' prefetched jobs on top."""
-    return max(3, 2 * augmenters + 2) + (REMOTE_SLOTS if remote else 0)
-
-
-def default_augmenters(ranks: int = 1) -> int:
-    """One augmenter per core, less one for the loader and trainer when there are many;
-    with several data-parallel ranks, each rank's input side gets its share of the cores."""
-    cores = len(os.sched_getaffinity(0))
-    total = max(1, cores - 1) if cores > 2 else cores
-    return max(1, total // ranks)
-
-
-def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, augmenters: int,
-                 generation: int, max_pixels: int | None = None, remote: dict | None = None) -> dict:
-    """name -> (entry point, config) of every input process of one generation.
-
-    With `remote` ({addr, keys_dir, host_timeout}) one more "augmenter", the gateway to
-    remote hosts (pipeline/remote.py), named after the local ones so that the
-    supervisor watches and restarts it as one of them."""
+def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, decoding,
+                 generation: int) -> dict:
+    """(stage, index) -> (entry point, config) of every input process of one generation."""
     common = dict(endpoints=endpoints, batch=plan.batch, seed=plan.seed, slots=slots)
-    stages = {"loader": (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
-                                          world=plan.world, generation=generation))}
-    for i in range(augmenters):
-        stages[f"augmenter-{i}"] = (run_augmenter, dict(common, ring=ring, index=i,
-                                                         max_pixels=max_pixels, rank=plan.rank))
-    if remote:
-        from alexnetd.pipeline.remote import run_gateway
-
-        stages[f"augmenter-{augmenters}"] = (run_gateway, dict(common, ring=ring, index=augmenters, rank=plan.rank,
-                                                               remote=remote))
+    stages = {("loader", 0): (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
+                                               world=plan.world, generation=generation))}
+    stages.update(decoding.stages(common, ring, plan.rank))
     return stages
+
+
+def open_ring(name: str, slots: int, batch: int, decoding, create: bool = False) -> Ring:
+    """A rank's ring: slots of pixels, or slots that are only credits where the decoder
+    hands the copier device batches (then nothing is reserved in /dev/shm)."""
+    return Ring(name, slots, batch if decoding.fills_ring else 0, create=create)
+
+
+def trainer_input(endpoints: dict, ring: Ring, plan: BatchPlan, decoding, start, device):
+    """(the decoder's in-trainer part or None, the copier), neither started."""
+    from alexnetd.pipeline.copier import Copier  # torch: only in the process that trains
+
+    decoder = decoding.in_trainer(endpoints, plan.seed, plan.batch, device, plan.rank)
+    copier = Copier(endpoints, ring, plan, start, device, decoded=decoder.decoded if decoder else None)
+    return decoder, copier
 
 
 class InputPipeline:
@@ -78,26 +70,14 @@ class InputPipeline:
         self.data, self.run_dir = str(data), Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dataset = open_dataset(self.data)
-        threads = augmenters or default_augmenters()
-        # decoder="dali": no augmenter processes, DALI decodes in a thread of this process.
-        self.n_augmenters = 0 if decoder == "dali" else threads
-        self.remote = remote
-        self.slots = slots or default_slots(max(1, self.n_augmenters), bool(remote))
+        self.decoding = make_decoding(decoder, augmenters or default_augmenters(), remote, max_pixels)
+        self.slots = slots or self.decoding.default_slots()
         self.plan = BatchPlan.for_dataset(self.dataset, batch, seed, val_every, rank, world)
         self.endpoints = Endpoints.in_dir(self.run_dir)
-        self.ring = Ring(ring_name(self.run_dir), self.slots, batch, create=True)
-        from alexnetd.pipeline.feed import Feed  # torch: only in the process that trains
-
-        self.dali = None
-        if decoder == "dali":
-            from alexnetd.pipeline.dali import DaliAugmenter
-
-            self.dali = DaliAugmenter(self.endpoints.as_dict(), seed, batch, device, rank, max_pixels, threads)
-        self.feed = Feed(self.endpoints.as_dict(), self.ring, self.plan, start, device,
-                         decoded=self.dali.decoded if self.dali else None)
-        self.generation = 0
-        self.processes: dict[str, multiprocessing.Process] = {}
-        self.max_pixels = max_pixels
+        self.ring = open_ring(ring_name(self.run_dir), self.slots, batch, self.decoding, create=True)
+        self.decoder, self.copier = trainer_input(self.endpoints.as_dict(), self.ring, self.plan, self.decoding,
+                                                  start, device)
+        self.processes: dict = {}
         self._beats = None
         if beats:
             self._beats = zmq.Context.instance().socket(zmq.PULL)
@@ -105,56 +85,36 @@ class InputPipeline:
             self._beats.bind(self.endpoints.beats)
         self.last_beats: dict[tuple[str, int], dict] = {}
 
-    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def n_augmenters(self) -> int:
+        """Augmenter processes (the gateway to remote hosts included)."""
+        return sum(1 for stage, _ in self.processes if stage == "augmenter")
 
     def __enter__(self) -> "InputPipeline":
-        self.feed.start()
-        if self.dali:
-            self.dali.start()
-        self.start_input()
+        self.copier.start()
+        if self.decoder:
+            self.decoder.start()
+        stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
+                              self.decoding, generation=0)
+        for key, (target, cfg) in stages.items():
+            proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{key[0]}-{key[1]}", daemon=True)
+            proc.start()
+            self.processes[key] = proc
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start_input(self) -> None:
-        stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
-                              self.n_augmenters, self.generation,
-                              self.max_pixels, self.remote)
-        for name, (target, cfg) in stages.items():
-            proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{name}", daemon=True)
-            proc.start()
-            self.processes[name] = proc
-
-    def stop_input(self, timeout: float = 5.0) -> None:
-        for proc in self.processes.values():
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.processes.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self.processes.clear()
-
-    def restart_input(self) -> None:
-        """Stop every input process, then start a new generation at the feed's position."""
-        self.stop_input()
-        self.generation += 1
-        self.start_input()
-
     def close(self) -> None:
-        self.stop_input()
-        if self.dali:
-            self.dali.close()
-        self.feed.close()
+        stop_processes(list(self.processes.values()), deadline=time.monotonic() + 5.0)
+        self.processes.clear()
+        if self.decoder:
+            self.decoder.close()
+        self.copier.close()
         if self._beats is not None:
             self._beats.close(linger=0)
         self.ring.close()
         self.ring.unlink()
-
-    # -- observation ---------------------------------------------------------------
 
     def poll_beats(self) -> dict:
         """Drain heartbeats; return the latest counters per (stage, index)."""

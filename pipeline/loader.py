@@ -5,8 +5,8 @@ bytes of the batch's samples (one pread each from a prepared shard), and sends t
 the augmenters as one message: the bytes back to back in one buffer plus offsets,
 labels and sample indices. It never decodes.
 
-Where to start comes from the feed (the trainer side), which knows what has been
-trained: a loader says hello with its generation number and the feed answers with the
+Where to start comes from the copier (the trainer side), which knows what has been
+trained: a loader says hello with its generation number and the copier answers with the
 position and the free slots. So a restarted loader resumes exactly where the trainer
 is, and stale credits or batches of an older generation are told apart and ignored.
 """
@@ -59,7 +59,7 @@ def run_loader(cfg: dict) -> None:
 
     clock = StageClock()
     beat = Heartbeat(ctx, ends.get("beats"), "loader", generation=generation, rank=cfg.get("rank", 0))
-    free: set[int] | None = None   # unknown until the feed's sync
+    free: set[int] | None = None   # unknown until the copier's sync
     position = None
     last_hello = 0.0
     poller = zmq.Poller()

@@ -5,7 +5,7 @@ Two ends of one protocol: the gateway in this file, the worker in pipeline/remot
 
 gateway (`run_gateway`): one process per rank on the trainer's host, started with the
     input side when the daemon runs with `--remote-augmenters HOST:PORT`. To the loader
-    and the feed it is one more augmenter: it PULLs jobs from the same endpoint and
+    and the copier it is one more augmenter: it PULLs jobs from the same endpoint and
     sends the same 'ready'. Each job goes to a connected remote worker (ZeroMQ ROUTER,
     CURVE server); the pixels that come back are written into the job's ring slot, and
     the gateway itself computes the per-sample draws from (seed, epoch, sample index),

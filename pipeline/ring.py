@@ -49,6 +49,13 @@ class Ring:
         self.slot_bytes = batch * IMAGE * IMAGE * 3
         self.path = SHM_DIR / name
         size = slots * self.slot_bytes
+        if size == 0:
+            # Slots that are only credits (a decoder that hands the copier device batches):
+            # nothing to map, nothing reserved in /dev/shm.
+            if create:
+                self.path.unlink(missing_ok=True)  # a cpu run's segment of this run dir
+            self._map, self.buffer = None, np.empty(0, np.uint8)
+            return
         if create:
             # A stale segment from a crashed run of the same run dir is replaced, not reused:
             # someone might still hold the old mapping.
@@ -81,6 +88,8 @@ class Ring:
 
     def close(self) -> None:
         self.buffer = None
+        if self._map is None:
+            return
         try:
             self._map.close()
         except BufferError:

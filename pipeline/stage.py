@@ -22,7 +22,7 @@ import zmq
 
 from alexnetd.pipeline import wire
 
-__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "adopt_children", "spawn_context", "STAGES",
+__all__ = ["Endpoints", "StageClock", "Heartbeat", "StopFlag", "adopt_children", "spawn_context", "stop_processes", "STAGES",
            "EXIT_BOOT", "EXIT_HALT"]
 
 # Every stage process starts with the spawn context: neither CUDA nor ZeroMQ contexts survive fork.
@@ -40,8 +40,8 @@ _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux
 class Endpoints:
     """The pipeline's sockets, all ipc:// files in the run directory (mode 0700)."""
     jobs: str      # loader PUSH (bind)      -> augmenters PULL
-    ready: str     # augmenters PUSH         -> feed PULL (bind); the loader's hello too
-    credits: str   # feed PUSH               -> loader PULL (bind)
+    ready: str     # augmenters PUSH         -> copier PULL (bind); the loader's hello too
+    credits: str   # copier PUSH             -> loader PULL (bind)
     beats: str     # every stage PUSH        -> supervisor / bench PULL (bind)
 
     @classmethod
@@ -114,6 +114,20 @@ class Heartbeat:
                       pid=os.getpid(), t=time.time(), counters=clock.counters(), **self.extra, **fields)
         except zmq.Again:
             pass
+
+
+def stop_processes(procs, deadline: float) -> None:
+    """TERM every process, wait for them until `deadline` (monotonic), KILL the rest and
+    reap them: the order gunicorn's arbiter uses. Blocks; the supervisor's own loop
+    never calls it (its stops are timers, service/proctable.py)."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 PARENT_ENV = "ALEXNETD_PARENT_PID"

@@ -60,7 +60,7 @@ class InputTransform:
         cut the same way, plus the lighting shift.
 
         Images that arrive as (n,224,224,3) were already cut and mirrored by their
-        decoder (DALI's ROI decode, pipeline/dali.py): only the mean and the lighting
+        decoder, which decoded only each crop's window: only the mean and the lighting
         are left to do, with the same draws."""
         images = images.to(self.device, non_blocking=True)
         rows, cols = self._crop_index(self._to_device(crops).long(), self._to_device(flips).bool())

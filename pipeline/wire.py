@@ -17,7 +17,7 @@ hold "v", "kind" and "arrays" too; n is the batch's sample count once skipped sa
 left out (a job's n counts them all).
 
 jobs      ipc://.../jobs.sock. The loader's PUSH binds; each augmenter's PULL connects,
-          and so do the remote gateway's and the DALI thread's (--decoder dali).
+          and so do the remote gateway's and DALI's thread in the trainer.
   job       loader -> augmenter      {epoch, seq, slot, split, generation}
                                      [jpeg bytes uint8 (back to back), offsets int64 (n+1),
                                       labels int64 (n), sample indices int64 (n)]
@@ -101,11 +101,13 @@ VERSION = 1
 # The closed set of message kinds, and which stage sends each.
 KINDS = frozenset({
     "job",      # loader -> augmenter: raw JPEG bytes of one batch, to decode into slot k
-    "ready",    # augmenter -> feed: batch seq is in slot k (labels, crops, flips, alphas)
+    "ready",    # augmenter -> copier: batch seq is in slot k (labels, crops, flips, alphas)
     "pixels",   # remote augmenter -> gateway: a job's decoded uint8 images (pipeline/remote.py)
-    "hello",    # loader -> feed: a new loader generation asks where to start
-    "sync",     # feed -> loader: start at (epoch, seq); these slots are free
-    "credit",   # feed -> loader: slot k is free again
+    "hello",    # loader -> copier: a new loader generation asks where to start
+    "sync",     # copier -> loader: start at (epoch, seq); these slots are free
+    "credit",   # copier -> loader: slot k is free again
+    "handed",   # copier thread -> trainer thread (inproc): batch (epoch, seq) is ready to take
+    "released", # trainer thread -> copier thread (inproc): the step is done with batch (epoch, seq)
     "beat",     # any stage -> supervisor: heartbeat with the stage's counters
     "request",  # client -> supervisor control socket
     "reply",    # supervisor -> client

@@ -8,6 +8,7 @@ import tempfile
 import click
 
 from alexnetd.pipeline.dataset import DatasetError, open_dataset
+from alexnetd.pipeline.decoders import DECODERS
 
 
 @click.command("bench-input")
@@ -18,7 +19,7 @@ from alexnetd.pipeline.dataset import DatasetError, open_dataset
 @click.option("--augmenters", default=None, type=click.IntRange(min=1), help="Augmenter processes [default: fits the cores].")
 @click.option("--slots", default=None, type=click.IntRange(min=2), help="Batch slots in the ring [default: 2 per augmenter + 2].")
 @click.option("--simulate-step-ms", default=0.0, type=click.FloatRange(min=0), help="A trainer that takes X ms per batch without using the CPU.")
-@click.option("--decoder", type=click.Choice(["cpu", "dali"]), default="cpu", show_default=True,
+@click.option("--decoder", type=click.Choice(sorted(DECODERS)), default="cpu", show_default=True,
               help="cpu: augmenter processes; dali: NVIDIA DALI in this process.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where batches are handed over (cuda: pinned copies, or DALI's GPU decode).")
@@ -36,11 +37,9 @@ def bench_input(data, seconds, batches, batch_size, augmenters, slots, simulate_
             raise click.ClickException(f"{data}: fewer training images than one batch of {batch_size}")
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
-    if decoder == "dali":
-        from alexnetd.pipeline.dali import dali_missing
-
-        if dali_missing():
-            raise click.ClickException(dali_missing())
+    missing = DECODERS[decoder].missing()
+    if missing:
+        raise click.ClickException(missing)
     with tempfile.TemporaryDirectory(prefix="alexnetd-bench-") as run_dir:
         result = run(data, run_dir, seconds=seconds, batches=batches, batch=batch_size, augmenters=augmenters,
                      slots=slots, simulate_step_ms=simulate_step_ms, ceiling=not no_ceiling, decoder=decoder,

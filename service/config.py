@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from alexnetd.pipeline import netaddr
+from alexnetd.pipeline.decoders import DECODERS
 
-__all__ = ["Config", "ConfigError", "load_config", "group_size", "parse_addr", "resolve_device", "world_size"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_addr", "resolve_device"]
 
 
 class ConfigError(ValueError):
@@ -49,8 +50,8 @@ class Config:
     skip_budget: float = 0.01        # stop when more than this share of samples fails to decode
     # -- the pipeline ------------------------------------------------------------------
     augmenters: int = 0              # per rank; 0: one per core (less one when there are many), shared by the ranks
-    slots: int = 0                   # 0: 2 per augmenter + 2
-    decoder: str = "cpu"             # cpu: augmenter processes | dali: DALI in the trainer (nvJPEG on CUDA)
+    slots: int = 0                   # 0: the decoder's default (pipeline/decoders.py)
+    decoder: str = "cpu"             # where JPEGs become pixels: a name in pipeline/decoders.py DECODERS
     device: str = "auto"             # auto (CUDA when a device is visible, else cpu) | cpu | cuda
     gpus: int = 1                    # devices; 2 as the paper's two GPUs, N >= 2 ranks with parallel data
     parallel: str = "model"          # with 2 GPUs: "model" (the paper's towers) or "data" (DDP, any N)
@@ -91,7 +92,7 @@ class Config:
             (self.slots == 0 or self.slots >= 2, "slots must be >= 2"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
-            (self.decoder in ("cpu", "dali"), "decoder must be 'cpu' or 'dali'"),
+            (self.decoder in DECODERS, f"decoder must be one of {', '.join(sorted(DECODERS))}"),
             (self.gpus >= 1, "gpus must be >= 1"),
             (self.parallel in ("model", "data"), "parallel must be 'model' or 'data'"),
             # The paper split the network into exactly two towers; more devices mean more ranks.
@@ -125,16 +126,6 @@ class Config:
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def world_size(config: Config) -> int:
-    """This node's data-parallel ranks: one per device with parallel data, else one process."""
-    return config.gpus if config.parallel == "data" else 1
-
-
-def group_size(config: Config) -> int:
-    """Ranks of the whole group: every node's ranks (all nodes have the same count)."""
-    return config.nodes * world_size(config)
 
 
 def parse_addr(addr: str, what: str = "metrics_addr") -> tuple[str, int]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import click
 
+from alexnetd.pipeline.decoders import DECODERS
 from alexnetd.pipeline.netaddr import probe_bind
-from alexnetd.service.config import (Config, ConfigError, group_size, load_config, parse_addr, resolve_device,
-                                     world_size)
+from alexnetd.service.config import Config, ConfigError, load_config, parse_addr, resolve_device
 from alexnetd.service.control import NotRunning, PidFile, request
 from alexnetd.service.paths import default_run_dir
 
@@ -64,7 +64,7 @@ def _options(func):
         click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep [3]."),
         click.option("--augmenters", type=int, help="Augmenter processes [one per core]."),
         click.option("--slots", type=int, help="Batch slots in the shared-memory ring [2 per augmenter + 2]."),
-        click.option("--decoder", type=click.Choice(["cpu", "dali"]), help="cpu: augmenter processes (libjpeg-turbo); dali: NVIDIA DALI in the trainer, nvJPEG on CUDA [cpu]."),
+        click.option("--decoder", type=click.Choice(sorted(DECODERS)), help="cpu: augmenter processes (libjpeg-turbo); dali: NVIDIA DALI in the trainer, nvJPEG on CUDA [cpu]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: CUDA when a device is visible, else the CPU [auto]."),
         click.option("--gpus", type=GPUS, metavar="N|all", help="N or all: with --parallel data one DDP rank per GPU (N CPU replicas with --device cpu); 2 with --parallel model: the paper's two towers [1]."),
         click.option("--parallel", type=click.Choice(["model", "data"]), help="With several GPUs: the paper's two towers (model, exactly 2) or DDP ranks (data, any N)."),
@@ -160,36 +160,29 @@ def _count_gpus(device: str) -> int:
     return count
 
 
-def preflight(config: Config, fresh: bool) -> None:
-    """Every check that can fail before forking. Raises click.ClickException (one line)."""
+def preflight(config: Config, fresh: bool):
+    """Every check that can fail before forking; the run layout. Raises
+    click.ClickException (one line)."""
     from alexnetd.pipeline.dataset import DatasetError, open_dataset
-    from alexnetd.pipeline.ring import IMAGE
+    from alexnetd.service.layout import RunLayout
 
-    if config.decoder == "dali":
-        from alexnetd.pipeline.dali import dali_missing
-
-        missing = dali_missing()
-        if missing:
-            raise click.ClickException(missing)
     try:
         dataset = open_dataset(config.data)
-        n_train = len(dataset.split("train"))
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
-    world = world_size(config)
-    if n_train < config.batch_size * group_size(config):
-        raise click.ClickException(f"{config.data}: {n_train} training images, fewer than one batch of "
-                                   f"{config.batch_size}" + (f" for each of {group_size(config)} ranks"
-                                                             if group_size(config) > 1 else ""))
+    try:
+        layout = RunLayout.from_config(config, dataset)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    missing = layout.decoding.missing()
+    if missing:
+        raise click.ClickException(missing)
     run_dir = Path(config.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(run_dir, 0o700)  # holds the control socket: owner only
     except OSError as exc:
         raise click.ClickException(f"run directory {run_dir}: {exc.strerror}") from None
-    deepest = run_dir / f"rank{world - 1}" if world > 1 else run_dir
-    if len(str(deepest / "credits.sock")) > 100:
-        raise click.ClickException(f"run directory {run_dir} is too deep for a unix socket path; choose a shorter one")
     holder = PidFile(run_dir).holder()
     if holder is not None:
         raise click.ClickException(f"alexnetd is already running in {run_dir} (pid {holder}); `alexnetd stop` first")
@@ -197,8 +190,12 @@ def preflight(config: Config, fresh: bool) -> None:
         probe_bind(*parse_addr(config.metrics_addr))
     except OSError as exc:
         raise click.ClickException(f"cannot serve metrics on {config.metrics_addr}: {exc.strerror}") from None
-    if config.remote_augmenters:
-        _check_remote(config, world)
+    try:
+        notes = layout.decoding.preflight(layout.local_ranks)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for note in notes:
+        click.echo(note)
     if config.nodes > 1 and config.node_rank == 0:
         _check_rendezvous(config.rendezvous)
     if config.device == "cuda":
@@ -207,17 +204,15 @@ def preflight(config: Config, fresh: bool) -> None:
         if torch.cuda.device_count() < config.gpus:
             raise click.ClickException(f"--device cuda --gpus {config.gpus}: this machine has "
                                        f"{torch.cuda.device_count()} CUDA device(s)")
-    from alexnetd.pipeline.launch import default_augmenters, default_slots
-
-    slots = config.slots or default_slots(config.augmenters or default_augmenters(world), bool(config.remote_augmenters))
-    need = world * slots * config.batch_size * IMAGE * IMAGE * 3  # one ring per rank
+    need = layout.shm_bytes  # one ring per rank; none where the decoder fills no ring
     free = shutil.disk_usage("/dev/shm").free
-    if need > free:
+    if need and need > free:
         raise click.ClickException(f"the batch ring needs {need / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
                                    "use fewer --slots or a smaller --batch-size")
     _check_checkpoint_room(config, len(dataset.classes), fresh)
     if not fresh:
         _check_resume(config, dataset)
+    return layout
 
 
 def _check_checkpoint_room(config: Config, num_classes: int, fresh: bool) -> None:
@@ -252,26 +247,6 @@ def _check_rendezvous(addr: str) -> None:
     except OSError as exc:
         raise click.ClickException(f"node 0 cannot listen for the rendezvous on {addr}: {exc.strerror} "
                                    "(--rendezvous on node 0 must be its own address, and the port free)") from None
-
-
-def _check_remote(config: Config, world: int) -> None:
-    """--remote-augmenters: the daemon's CURVE keypair exists (made now if not) and every
-    rank's port (PORT + rank) is free."""
-    from alexnetd.service.keys import KeyFileError, list_clients, server_keypair
-
-    try:
-        server_keypair(config.run_dir)
-    except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
-    host, port = parse_addr(config.remote_augmenters)
-    for rank in range(world):
-        try:
-            probe_bind(host, port + rank)
-        except OSError as exc:
-            raise click.ClickException(f"cannot listen for remote augmenters on {host}:{port + rank}: "
-                                       f"{exc.strerror}") from None
-    if not any(row["state"] == "allowed" for row in list_clients(config.run_dir)):
-        click.echo(f"note: no remote augmenter keys yet; add one with `alexnetd keys --run-dir {config.run_dir} add NAME`")
 
 
 def _check_resume(config: Config, dataset) -> None:
@@ -311,7 +286,7 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     asked, config = config.device, resolve_device(config)
-    preflight(config, fresh)
+    layout = preflight(config, fresh)
     run_dir = Path(config.run_dir)
     if fresh:
         _set_aside_previous_run(run_dir)
@@ -336,8 +311,8 @@ def start(data, run_dir, config_file, fresh, foreground, **flags):
     click.echo(f"  logs     {log_path}")
     click.echo(f"  control  {run_dir / 'control.sock'}  (alexnetd status --run-dir {run_dir})")
     click.echo(f"  metrics  {status['metrics_url']}")
-    if config.remote_augmenters:
-        click.echo(f"  remote   {config.remote_augmenters}  (alexnetd augment --connect HOST:PORT --key FILE)")
+    for line in layout.decoding.start_lines():
+        click.echo(line)
 
 
 def _wait_ready(run_dir: Path, proc: subprocess.Popen, log_path: Path) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alexnetd.pipeline.decoders import status_lines as decoder_status_lines
+
 __all__ = ["render_status"]
 
 
@@ -71,10 +73,6 @@ def render_status(s: dict) -> str:
     ck = s.get("checkpoint")
     lines.append("  checkpoint  " + ("none yet" if not ck else
                  f"{ck['path']} (step {ck['step']}, {_duration(ck['age_seconds'])} ago)"))
-    remote = s.get("remote_augmenters")
-    if remote is not None:
-        hosts = ", ".join(f"{h['host']} ({h['workers']} workers, {h['images_per_second']:.1f} images/s)"
-                          for h in remote["hosts"]) or "none connected"
-        lines.append(f"  remote      {hosts}; {remote['refused']} refused, {remote['reissued']} batches re-issued")
+    lines += decoder_status_lines(s)  # the decoder's own rows: remote hosts
     lines.append(f"  metrics     {s['metrics_url']}")
     return "\n".join(lines)

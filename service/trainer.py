@@ -1,6 +1,6 @@
 """Stage 4, the trainer: train on batch n (step 1 of the paper's pipeline). The trainer process.
 
-It hosts the copier thread (pipeline/feed.py), turns each uint8 batch into the
+It hosts the copier thread (pipeline/copier.py), turns each uint8 batch into the
 network's input on the device (pipeline/transform.py), and runs the paper's recipe:
 SGD steps (§5), validation at epoch ends, the learning rate divided by 10 when the
 validation error stops improving, checkpoints every few minutes and at each epoch's
@@ -32,15 +32,13 @@ from alexnetd.model import (AlexNet, CheckpointError, PaperSGD, PlateauSchedule,
                             autocast_context, load_latest_checkpoint, load_rng_state, rng_state,
                             save_checkpoint, set_deterministic, set_lr)
 from alexnetd.pipeline.dataset import DatasetError, open_dataset
-from alexnetd.pipeline.feed import Feed
-from alexnetd.pipeline.launch import default_augmenters
-from alexnetd.pipeline.plan import BatchPlan
-from alexnetd.pipeline.ring import Ring
+from alexnetd.pipeline.launch import open_ring, trainer_input
 from alexnetd.pipeline.stage import EXIT_BOOT, EXIT_HALT, Heartbeat, StageClock, StopFlag
 from alexnetd.pipeline.transform import InputTransform
-from alexnetd.service.config import Config, world_size
+from alexnetd.service.config import Config
 from alexnetd.service.group import GroupError, join_trainers
 from alexnetd.service.history import History
+from alexnetd.service.layout import RunLayout
 from alexnetd.service.skiplog import SkipLog
 
 __all__ = ["run_trainer", "Trainer"]
@@ -51,10 +49,9 @@ WAIT_MS = 500
 AGREE_EVERY = 8  # batches between the ranks' votes on stopping (a collective and a sync)
 
 
-def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: bool, group: dict | None = None) -> None:
-    """Process entry point. With a `group` (service/group.py: NodeGroup.trainer_args),
-    this is global rank group["rank"] of a data-parallel world of group["world"] ranks,
-    local rank group["local_rank"] of its node, meeting the others in group["round"]."""
+def run_trainer(cfg: dict, local: int, resume: bool, group: dict | None = None) -> None:
+    """Process entry point of this node's rank `local`. With a `group` (service/group.py:
+    NodeGroup.trainer_args) it meets the other ranks of the data-parallel world there."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     config = Config(**cfg)
@@ -62,10 +59,9 @@ def run_trainer(cfg: dict, ring_name: str, slots: int, endpoints: dict, resume: 
     try:
         if group is not None:
             if config.device == "cuda":
-                torch.cuda.set_device(group["local_rank"])
+                torch.cuda.set_device(local)
             join_trainers(group, config.device)
-        trainer = Trainer(config, Ring(ring_name, slots, config.batch_size), endpoints, resume, stop,
-                          *((group["rank"], group["world"], group["local_rank"]) if group else ()))
+        trainer = Trainer(RunLayout.from_config(config), local, resume, stop)
     except (CheckpointError, DatasetError, GroupError, ValueError) as exc:
         _halt(config.run_dir, f"trainer could not start: {exc}")
         sys.exit(EXIT_BOOT)
@@ -79,18 +75,19 @@ def _halt(run_dir: str, reason: str) -> None:
 
 
 class Trainer:
-    def __init__(self, config: Config, ring: Ring, endpoints: dict, resume: bool, stop: StopFlag | None = None,
-                 rank: int = 0, world: int = 1, local_rank: int | None = None):
-        self.config, self.ring, self.stop = config, ring, stop
-        # rank and world are global (every node's ranks); local_rank is this node's index.
-        self.rank, self.world = rank, world
-        self.local_rank = rank if local_rank is None else local_rank
+    def __init__(self, layout: RunLayout, local: int = 0, resume: bool = True, stop: StopFlag | None = None):
+        config, place = layout.config, layout.ranks[local]
+        self.config, self.layout, self.stop = config, layout, stop
+        # rank and world_size are global (every node's ranks); local_rank is this node's index.
+        self.rank, self.world_size, self.local_rank = place.rank, layout.world_size, local
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.dataset = open_dataset(config.data)
         mean, eigvals, eigvecs = self.dataset.stats()
-        # Each rank trains on every world-th batch of the same per-epoch permutation.
-        self.plan = BatchPlan.for_dataset(self.dataset, config.batch_size, config.seed, config.val_every, rank, world)
+        # Each rank trains on every world_size-th batch of the same per-epoch permutation.
+        self.plan = place.plan
+        self.ring = open_ring(place.ring, layout.slots, config.batch_size, layout.decoding)
+        endpoints = place.endpoints.as_dict()
         if config.deterministic:
             set_deterministic(config.seed)
         else:
@@ -106,7 +103,7 @@ class Trainer:
             if self.device.type == "cuda" and config.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model  # what the step calls: the model, or its DDP wrapper
-        if world > 1:
+        if self.world_size > 1:
             # DDP broadcasts rank 0's initial weights, and all-reduces gradients in the step.
             self.net = DistributedDataParallel(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.optimizer = PaperSGD(self.model.parameters(), config.lr, config.momentum, config.weight_decay)
@@ -121,22 +118,16 @@ class Trainer:
         self.last_val: dict | None = None
         self.loss: float | None = None
         self._resume(resume)
-        # The decoder seam: CPU augmenter processes fill the ring (default), or DALI
-        # decodes in a thread of this process and hands the feed device batches.
-        self.dali = None
-        if config.decoder == "dali":
-            from alexnetd.pipeline.dali import DaliAugmenter
-
-            self.dali = DaliAugmenter(endpoints, config.seed, config.batch_size, self.device, rank,
-                                      threads=max(1, config.augmenters or default_augmenters(world_size(config))))
-        self.feed = Feed(endpoints, ring, self.plan, self.position, self.device,
-                         decoded=self.dali.decoded if self.dali else None)
+        # The input side's trainer half (pipeline/launch.py): the decoder's part that runs
+        # here, if any (DALI's thread), and the copier thread.
+        self.decoder, self.copier = trainer_input(endpoints, self.ring, self.plan, layout.decoding, self.position,
+                                                  self.device)
         self.clock = StageClock()
-        self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=rank)
-        self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=rank)
+        self.beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "trainer", rank=self.rank)
+        self.copier_beat = Heartbeat(zmq.Context.instance(), endpoints.get("beats"), "copier", rank=self.rank)
         # Each node's first rank keeps that node's history; global rank 0's is the run's.
         self.history = History(self.run_dir) if self.local_rank == 0 else _NoHistory()
-        self.skiplog = SkipLog(self.run_dir, shared=world_size(config) > 1)  # this node's ranks share it
+        self.skiplog = SkipLog(self.run_dir, shared=layout.local_ranks > 1)  # this node's ranks share it
         self.splits: dict = {}
         self.rate = 0.0
         self.val = _ValTally()
@@ -149,7 +140,7 @@ class Trainer:
         if self.rank == 0 and resume:
             found = load_latest_checkpoint(self.checkpoint_dir, self.dataset.fingerprint, self.config.data,
                                            map_location=self.device)
-        if self.world > 1:
+        if self.world_size > 1:
             # Only global rank 0 writes checkpoints (on node 0); every rank resumes from
             # the one it loaded, broadcast over torch.distributed (model/broadcast.py).
             found = broadcast_state(None if found is None else {"path": str(found[0]), "mtime": found[0].stat().st_mtime,
@@ -223,9 +214,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
-        self.feed.start()
-        if self.dali:
-            self.dali.start()
+        self.copier.start()
+        if self.decoder:
+            self.decoder.start()
         self.history.write("event", event="trainer-start", step=self.step, epoch=self.position[0])
         last_checkpoint_time = time.monotonic()
         reason = "stopped"
@@ -233,7 +224,7 @@ class Trainer:
             batches = 0
             while True:
                 stopping, over_budget = self.stop is not None and self.stop.stopping, self._skipped_over_budget()
-                if self.world > 1:
+                if self.world_size > 1:
                     if batches % AGREE_EVERY:
                         stopping = over_budget = False  # decided together at the next vote
                     else:
@@ -246,10 +237,10 @@ class Trainer:
                 if stopping:
                     break
                 with self.clock.timing("starved"):
-                    batch = self.feed.next_batch(WAIT_MS)
+                    batch = self.copier.next_batch(WAIT_MS)
                 if batch is None:
-                    if self.dali and self.dali.error is not None:
-                        raise RuntimeError(f"the DALI decoder thread stopped: {self.dali.error!r}")
+                    if self.decoder and self.decoder.error is not None:
+                        raise RuntimeError(f"the decoder thread stopped: {self.decoder.error!r}")
                     self._beat(self.phase)
                     continue
                 epoch, seq = batch.epoch, batch.seq
@@ -258,9 +249,9 @@ class Trainer:
                         self._train_step(batch)
                     else:
                         self._val_step(batch)
-                self.feed.release(batch)
+                self.copier.release(batch)
                 self._name_skipped(batch)
-                self.position = self.feed.position
+                self.position = self.copier.position
                 if seq == self.plan.batches_in_epoch(epoch) - 1:
                     if self._end_of_epoch(epoch):
                         reason = "finished"
@@ -284,9 +275,9 @@ class Trainer:
             self._beat("stopping", force=True)
             return 0
         finally:
-            if self.dali:
-                self.dali.close()
-            self.feed.close()
+            if self.decoder:
+                self.decoder.close()
+            self.copier.close()
             self.history.close()
 
     def _train_step(self, batch) -> None:
@@ -330,7 +321,7 @@ class Trainer:
     def _end_of_epoch(self, epoch: int) -> bool:
         """Validation result, LR schedule, checkpoint. True when training is over."""
         if self.plan.validates(epoch):
-            if self.world > 1:
+            if self.world_size > 1:
                 self.val.all_reduce(self.device)
             top1, top5 = self.val.errors()
             self.last_val = {"epoch": epoch, "step": self.step, "top1_error": top1, "top5_error": top5,
@@ -350,15 +341,15 @@ class Trainer:
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """With several ranks, a flag raised by any rank holds for all: they must leave the
         loop at the same step, or the others would wait forever in the next all-reduce."""
-        if self.world == 1:
+        if self.world_size == 1:
             return flags
         votes = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in votes.tolist())
 
     def _skipped_over_budget(self) -> bool:
-        skipped = sum(self.feed.skipped.values())
-        seen = self.feed.released_images + skipped  # both of trained batches only
+        skipped = sum(self.copier.skipped.values())
+        seen = self.copier.released_images + skipped  # both of trained batches only
         # A few bad files early on are not a verdict on the dataset: judge on a fair sample.
         return seen >= 10 * self.config.batch_size and skipped > self.config.skip_budget * seen
 
@@ -372,7 +363,7 @@ class Trainer:
             self.skiplog.record(batch.split, split.key(index), reason, batch.epoch, batch.seq, path)
 
     def _skip_message(self) -> str:
-        skipped = self.feed.skipped
+        skipped = self.copier.skipped
         return (f"{sum(skipped.values())} samples failed to decode ({skipped}), over the skip budget of "
                 f"{self.config.skip_budget:.1%}: check the dataset")
 
@@ -385,13 +376,13 @@ class Trainer:
             return {str(d): torch.cuda.memory_allocated(d) for d in devices}
         with open("/proc/self/statm") as fh:
             resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"cpu" if self.world == 1 else f"cpu:{self.local_rank}": resident}
+        return {"cpu" if self.world_size == 1 else f"cpu:{self.local_rank}": resident}
 
     def _beat(self, state: str, force: bool = False) -> None:
         if not (force or self.beat.due()):
             return
-        stats = self.feed.stats()
-        self.copier_beat.maybe(self.feed.clock, force=force)
+        stats = self.copier.stats()
+        self.copier_beat.maybe(self.copier.clock, force=force)
         self.beat.maybe(
             self.clock, force=force, state=state, step=self.step, epoch=self.position[0], seq=self.position[1],
             steps_per_epoch=self.plan.train_batches, batches_in_epoch=self.plan.batches_in_epoch(self.position[0]),

@@ -40,11 +40,11 @@ MEAN_DIFF_VS_FAST = 8.0
 def collect(pipe, count):
     out = []
     for _ in range(count):
-        batch = pipe.feed.next_batch(timeout_ms=120_000)
+        batch = pipe.copier.next_batch(timeout_ms=120_000)
         assert batch is not None, "the pipeline stalled"
         out.append(batch)
         batch.images = batch.images.clone()  # the slot is reused after release
-        pipe.feed.release(batch)
+        pipe.copier.release(batch)
     return out
 
 

@@ -33,7 +33,7 @@ from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring
 from alexnetd.pipeline.stage import StageClock
 
-__all__ = ["Feed", "Batch"]
+__all__ = ["Copier", "Batch"]
 
 POLL_MS = 100
 _ids = itertools.count()
@@ -60,14 +60,15 @@ class Batch:
         return len(self.labels)
 
 
-class Feed:
-    """Start with `start()`; then `next_batch()` / `release(batch)` from the trainer thread."""
+class Copier:
+    """The copier thread and its trainer-side handle. Start with `start()`; then
+    `next_batch()` / `release(batch)` from the trainer thread."""
 
     def __init__(self, endpoints: dict, ring: Ring, plan: BatchPlan, start=(0, 0),
                  device: str = "cpu", depth: int = 2, decoded: dict | None = None):
         self.ring, self.plan = ring, plan
-        # --decoder dali: batches already on the device, keyed (generation, epoch, seq),
-        # left there by the DALI thread (pipeline/dali.py) instead of in a ring slot.
+        # A decoder that runs in the trainer (DALI, pipeline/decoders.py) leaves batches on
+        # the device here, keyed (generation, epoch, seq), instead of in a ring slot.
         self.decoded = decoded
         self.ends = endpoints
         self.device = torch.device(device)
@@ -83,7 +84,7 @@ class Feed:
         self.skipped: dict = {}            # reason -> samples skipped in released batches
         self.released_images = 0           # images of released batches: the skip budget's base
         self._ctx = zmq.Context.instance()
-        self._inproc = f"inproc://feed-{next(_ids)}"
+        self._inproc = f"inproc://copier-{next(_ids)}"
         self._trainer_end = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="copier", daemon=True)
@@ -94,7 +95,7 @@ class Feed:
 
     # -- trainer thread ------------------------------------------------------------
 
-    def start(self) -> "Feed":
+    def start(self) -> "Copier":
         if self._cuda and self.decoded is None:
             self._setup_cuda()
         self._trainer_end = self._ctx.socket(zmq.PAIR)
@@ -126,7 +127,7 @@ class Feed:
         if self._cuda and self.decoded is None:
             event = torch.cuda.Event()
             event.record()  # the step's kernels may still read the buffer
-        wire.send(self._trainer_end, "credit", key=[batch.epoch, batch.seq],
+        wire.send(self._trainer_end, "released", key=[batch.epoch, batch.seq],
                   event=self._stash_event(event))
 
     def close(self) -> None:
@@ -216,7 +217,7 @@ class Feed:
             with self.clock.timing("busy"):
                 batch = self._to_batch(msg, credits, copy_stream)
             self.handed[self._cursor] = batch
-            wire.send(pair, "ready", key=list(self._cursor))
+            wire.send(pair, "handed", key=list(self._cursor))
             self.clock.images += batch.n
             self.clock.batches += 1
             self._cursor = self.plan.next_position(*self._cursor)
