@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnetd.pipeline.shards import FORMAT, FORMAT_VERSION, INDEX_DTYPE, PixelStats, eigen_decomposition
+from alexnetd.pipeline.pixelstats import PixelStats, eigen_decomposition
+from alexnetd.pipeline.shards import FORMAT, FORMAT_VERSION, INDEX_DTYPE
 
 __all__ = ["open_dataset", "DatasetError", "Dataset", "Split", "IMAGE_EXTENSIONS", "STATS_SAMPLE"]
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from alexnetd.pipeline.dataset import ImageFolderDataset, open_dataset
-from alexnetd.pipeline.shards import JpegCodec, PixelStats, PreparedWriter
+from alexnetd.pipeline.pixelstats import PixelStats
+from alexnetd.pipeline.shards import JpegCodec, PreparedWriter
 
 __all__ = ["prepare", "PrepareReport", "PrepareError", "DEFAULT_SHARD_SIZE", "IMAGE_SIZE"]
 

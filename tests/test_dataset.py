@@ -12,7 +12,8 @@ import pytest
 
 from alexnetd.pipeline.dataset import DatasetError, open_dataset
 from alexnetd.pipeline.jpeg import Decoder, SkipSample
-from alexnetd.pipeline.shards import INDEX_DTYPE, PixelStats, parse_size
+from alexnetd.pipeline.pixelstats import PixelStats
+from alexnetd.pipeline.shards import INDEX_DTYPE, parse_size
 
 
 def decode_all(split) -> np.ndarray:
