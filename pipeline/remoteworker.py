@@ -23,7 +23,7 @@ from alexnetd.pipeline.augment import decode_batch
 from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.pipeline.remote import HANDSHAKE_FAILED, HOST_TIMEOUT, POLL_MS, PREFETCH, remote_endpoint
 from alexnetd.pipeline.ring import IMAGE
-from alexnetd.pipeline.stage import BEAT_SECONDS, StageClock, StopFlag, adopt_children, spawn_context
+from alexnetd.pipeline.stage import BEAT_SECONDS, StageClock, StopFlag, adopt_children, spawn_context, stop_processes
 
 __all__ = ["run_remote", "RemoteRefused", "EXIT_REFUSED"]
 
@@ -56,13 +56,7 @@ def run_remote(connect: str, key, workers: int = 1, connect_timeout: float = 30.
             time.sleep(0.2)
         return 0
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
+        stop_processes(procs, deadline=time.monotonic() + 5.0)
 
 
 def _worker_main(cfg: dict) -> None:
