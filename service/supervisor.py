@@ -216,6 +216,8 @@ class Supervisor:
                 self.following = current
                 self.stages.restart("trainer", f"the group restarts ({self.group.reason(current - 1)})")
         except GroupLost as exc:
+            if not self.group.formed:  # node 0 gave up (or died) before the group formed
+                raise Halt(f"{exc}; the group did not form") from None
             # Node 0 is gone. At the end of a run that is just its exit; otherwise this
             # node's trainers fail in their next collective, and the restart says why.
             self.group_lost = str(exc)
