@@ -228,8 +228,11 @@ class StageProcesses:
         return code
 
     def next_timer(self) -> float | None:
-        times = [t for t in (self.table.next_deadline(), self.pending and self.pending.at) if t]
-        return min(times, default=None)
+        """When the loop must look again: a stop deadline, or the end of a back-off still
+        ahead (one already over waits for the old processes, which the poll sees go)."""
+        now = time.monotonic()
+        times = [self.table.next_deadline()] + ([self.pending.at] if self.pending and self.pending.at > now else [])
+        return min((t for t in times if t is not None), default=None)
 
     def _reap(self, stopping: bool) -> int | None:
         trainers = self.table.names(lambda n: n.stage == "trainer")

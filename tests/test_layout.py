@@ -118,3 +118,22 @@ def test_process_names_sort_and_hash_as_values():
     assert a == b and len({a, b}) == 1
     with pytest.raises(ValueError):
         ProcName(0, "decoder")
+
+
+def test_start_sizes_dev_shm_for_what_the_decoder_fills(prepared_data, tmp_path):
+    """The preflight `alexnetd start` runs: a ring far larger than any /dev/shm is refused
+    for the cpu decoder, whose augmenters write pixels into it, and asks nothing of
+    /dev/shm for DALI, whose slots only count batches in flight."""
+    import click
+
+    from alexnetd.pipeline.decoders import DaliDecoding
+    from alexnetd.pipeline.netaddr import free_port
+    from alexnetd.service.daemoncmds import preflight
+
+    huge = dict(batch_size=32, slots=100_000, augmenters=1, metrics_addr=f"127.0.0.1:{free_port()}")
+    with pytest.raises(click.ClickException, match="batch ring needs .* MiB of /dev/shm"):
+        preflight(_config(prepared_data, tmp_path, **huge), fresh=True)
+    if DaliDecoding.missing():
+        pytest.skip(DaliDecoding.missing())
+    layout = preflight(_config(prepared_data, tmp_path, decoder="dali", **huge), fresh=True)
+    assert layout.shm_bytes == 0 and layout.slots == 100_000
