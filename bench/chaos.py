@@ -12,7 +12,8 @@ steps after it were rolled back with the weights, so they are dropped from the l
 before the rows that retrain them. A batch is lost if the final ledger misses one of the
 plan's (epoch, seq), trained twice if it holds one more than once.
 
-The tests (tests/test_chaos.py) run the short versions of these functions.
+tests/test_reliability.py runs the short versions of these functions. The waiting, the
+status reads and the `alexnetd` calls are tests/daemon_helpers.py's, shared with the tests.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-ALEXNETD = [sys.executable, "-m", "alexnetd"]
+# The waits and status reads the tests use (tests/ is not a package: found by path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from daemon_helpers import alive, cli, holder, status, wait_for  # noqa: E402
+
+from alexnetd.pipeline.netaddr import free_port  # noqa: E402
+
 # Fast, deterministic CPU runs: batches of 8, one log row per step (the ledger), a
 # checkpoint every 3 s so that a killed trainer redoes little.
 RUN = ["--batch-size", "8", "--augmenters", "2", "--log-every", "1", "--bias-init", "caffe",
@@ -42,52 +48,6 @@ RUN = ["--batch-size", "8", "--augmenters", "2", "--log-every", "1", "--bias-ini
 
 
 # -- driving the daemon ----------------------------------------------------------------
-
-def cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(ALEXNETD + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status(run_dir) -> dict | None:
-    """What `alexnetd status --json` prints, or None when no daemon answers; asked on the
-    control socket from here, as a `status` process per poll would slow the daemon."""
-    from alexnetd.service.control import NotRunning, request
-
-    try:
-        return request(run_dir, "status")["status"]
-    except NotRunning:
-        return None
-
-
-def wait_for(predicate, timeout: float = 600, every: float = 0.3, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-def holder(run_dir) -> int | None:
-    from alexnetd.service.control import PidFile
-
-    return PidFile(run_dir).holder()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
-
 
 def start(data, run_dir, *extra, port=None) -> subprocess.CompletedProcess:
     port = port or free_port()
@@ -158,7 +118,7 @@ def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
         s = _wait_moving(chaos, last_step)
         if s is None:
             break  # the run finished before every kill was made
-        time.sleep(rng.uniform(0.0, 2.0))
+        time.sleep(rng.uniform(0.0, 2.0))  # a random moment in the step: the kill's timing is the variable
         s = status(chaos)
         if s is None:
             break
@@ -204,15 +164,16 @@ def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
 
 
 def _wait_moving(run_dir, past_step: int) -> dict | None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    """Status once the run is past `past_step` with every stage up; None if it has ended."""
+    def moving():
         if holder(run_dir) is None:
-            return None
+            return "ended"
         s = status(run_dir)
-        if s and s["step"] > past_step and s["state"] in ("training", "degraded") and len(s["processes"]) >= 4:
-            return s
-        time.sleep(0.3)
-    raise TimeoutError("the chaos run stopped moving")
+        return s if s and s["step"] > past_step and s["state"] in ("training", "degraded") \
+            and len(s["processes"]) >= 4 else None
+
+    s = wait_for(moving, timeout=300, what="the chaos run to move")
+    return None if s == "ended" else s
 
 
 # -- scenario: storage faults ----------------------------------------------------------

@@ -35,7 +35,6 @@ import glob
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -248,12 +247,6 @@ def _synthetic_row(ctx, bf16: bool, channels_last: bool, how: str) -> dict:
 # -- end to end through the daemon --------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def alexnetd(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "alexnetd", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
@@ -276,6 +269,8 @@ def run_daemon(ctx, decoder: str = "cpu") -> dict:
             import nvidia.dali  # noqa: F401
         except Exception as exc:  # ImportError, or a broken install failing its own way
             return skipped(f"nvidia.dali does not import: {exc} (pip install '.[dali]')")
+    from alexnetd.pipeline.netaddr import free_port
+
     run_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-", dir=ctx.scratch))
     os.chmod(run_dir, 0o700)
     # The daemon's default augmenters: one per core, less one for the loader and trainer.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from input import CACHE, cached_dataset  # bench/input.py, next to this file
 
 from alexnetd.pipeline.launch import InputPipeline
+from alexnetd.pipeline.netaddr import free_port
 from alexnetd.service.keys import add_client
 
 BATCH = 128
@@ -57,12 +57,6 @@ def raw_dataset() -> Path:
                     "--val-per-class", "0"], check=True, stdout=sys.stderr)
     partial.rename(final)
     return final
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def measure(pipe: InputPipeline, seconds: float) -> tuple[float, int]:

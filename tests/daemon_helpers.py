@@ -1,21 +1,18 @@
-"""Running the real `alexnetd` command in tests: start, poll, stop, look at processes."""
+"""Driving the real `alexnetd` command: run it, wait on it, read its status, look at its
+processes. The tests import this module, and so does bench/chaos.py (whose short
+scenarios the tests run), so that both wait and ask the same way."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from alexnetd.pipeline.netaddr import free_port  # noqa: F401  (re-exported: the tests' one free_port)
+
 ALEXNETD = [sys.executable, "-m", "alexnetd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
@@ -27,9 +24,9 @@ def cli(*args, timeout: float = 900, check: bool = False) -> subprocess.Complete
 
 def status(run_dir) -> dict | None:
     """What `alexnetd status --json` prints, or None when no daemon answers. Asked on the
-    control socket from this process: the waits poll it twice a second, and a `status`
-    process each time would take a third of a core from the daemon under test (the
-    command itself is tested where its output is)."""
+    control socket from this process: the waits poll it several times a second, and a
+    `status` process each time would take a third of a core from the daemon under test
+    (the command itself is tested where its output is)."""
     from alexnetd.service.control import NotRunning, request
 
     try:
@@ -38,14 +35,18 @@ def status(run_dir) -> dict | None:
         return None
 
 
-def wait_for(predicate, timeout: float = 600, every: float = 0.5, what: str = "condition"):
+def wait_for(predicate, timeout: float = 600, what: str = "condition", every: float = 0.2):
+    """predicate()'s first truthy value, asked every `every` seconds; TimeoutError naming
+    `what` once `timeout` seconds have passed. The one way to wait here: for a state, a
+    file or a socket, never for a fixed time. The timeout only bounds a failure."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:
@@ -58,18 +59,19 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
 
 
-def daemon_pid(run_dir) -> int | None:
-    path = Path(run_dir) / "alexnetd.pid"
-    return int(path.read_text()) if path.exists() and path.read_text().strip() else None
+def holder(run_dir) -> int | None:
+    """The pid of the daemon that holds run_dir's pid file, None once it has exited."""
+    from alexnetd.service.control import PidFile
+
+    return PidFile(run_dir).holder()
 
 
 def wait_exit(run_dir, timeout: float = 900) -> None:
     """Until the daemon of run_dir has released its pid file (it has exited)."""
-    from alexnetd.service.control import PidFile
-
-    wait_for(lambda: PidFile(run_dir).holder() is None, timeout, what="the daemon to exit")
+    wait_for(lambda: holder(run_dir) is None, timeout, what=f"the daemon of {run_dir} to exit")
 
 
 def start_args(data, run_dir, port, *extra):
     return ["start", "--data", data, "--run-dir", run_dir, "--batch-size", 8, "--augmenters", 2,
             "--metrics-addr", f"127.0.0.1:{port}", "--log-every", 1, "--bias-init", "caffe", *extra]
+

@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from alexnetd.pipeline.jpeg import REASONS as SKIP_REASONS
 from alexnetd.pipeline.stage import STAGES
 from alexnetd.service.metrics import EXPORTED_METRICS, STATES
-from daemon_helpers import cli, start_args, status, wait_for
+from daemon_helpers import cli, free_port, start_args, status, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "alexnetd.json"
@@ -155,20 +154,7 @@ def test_queries_use_only_known_variables():
 
 
 # ---------------------------------------------------------------- a metrics target
-# The daemon_metrics_url fixture stands in for the daemon with an exporter that serves
-# every contract metric with plausible, moving values. The lead replaces it with a
-# fixture that starts the real daemon (`alexnetd start --foreground ...
-# --metrics-addr 127.0.0.1:PORT` on a small generated data set) and yields the same
-# "127.0.0.1:PORT".
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# The real daemon on the shared generated data set, serving /metrics on 127.0.0.1:PORT.
 
 RANKS = 2  # the daemon below trains as two data-parallel CPU replicas, so rank panels compare two
 
@@ -236,21 +222,21 @@ class Prometheus:
 
     def wait_for_scrapes(self, n: int, timeout: float = 60.0) -> None:
         """Until the target has been scraped n times, successfully the last time."""
-        deadline = time.monotonic() + timeout
         expr = f'count_over_time(up{{instance="{self.target}"}}[5m]) and up == 1'
-        while True:
+
+        def scraped() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{self.log.read_text()[-3000:]}")
             try:
                 got = self.query(expr)["result"]
-                if got and float(got[0]["value"][1]) >= n:
-                    return
             except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.target} not scraped {n} times in {timeout}s:\n"
-                                   f"{self.log.read_text()[-3000:]}")
-            time.sleep(0.3)
+                return False  # not listening yet
+            return bool(got) and float(got[0]["value"][1]) >= n
+
+        try:
+            wait_for(scraped, timeout, what=f"{self.target} to be scraped {n} times")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}:\n{self.log.read_text()[-3000:]}") from None
 
     def stop(self) -> None:
         self.proc.terminate()
