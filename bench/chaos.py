@@ -120,8 +120,8 @@ def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
             break  # the run finished before every kill was made
         time.sleep(rng.uniform(0.0, 2.0))  # a random moment in the step: the kill's timing is the variable
         s = status(chaos)
-        if s is None:
-            break
+        if s is None or s["state"] not in ("training", "degraded") or s["step"] >= steps:
+            break  # it finished meanwhile: a kill now would not land in a moving run
         procs = s["processes"]
         if kind == "daemon":
             pid = holder(chaos)
