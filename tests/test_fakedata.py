@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.fakedata import CORRUPT_KINDS, make_fake_data
 from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.service.cli import main
+from daemon_helpers import wait_for
 
 ALEXNETD = str(Path(sys.executable).with_name("alexnetd"))
 SMALL = dict(classes=2, train_per_class=3, val_per_class=1, shards=2, progress=False)
@@ -171,8 +171,8 @@ def test_sigterm_leaves_no_output_and_no_temp_dir(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     tmp = tmp_path / f"out.tmp-{proc.pid}"
-    while not tmp.exists() and proc.poll() is None:
-        time.sleep(0.01)
+    wait_for(lambda: tmp.exists() or proc.poll() is not None, timeout=120, what="fake-data to start writing",
+             every=0.01)
     proc.terminate()
     _, stderr = proc.communicate()
     assert proc.returncode != 0

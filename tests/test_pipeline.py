@@ -1,7 +1,6 @@
 """The four-stage input pipeline with real processes, real sockets and real JPEGs."""
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.inputbench import bench_input
 from alexnetd.pipeline.launch import InputPipeline
 from alexnetd.pipeline.plan import BatchPlan, train_draws
+from daemon_helpers import wait_for
 
 BATCH = 8
 
@@ -125,22 +125,32 @@ def test_simulated_step_sets_the_rate_when_slower_than_the_input(prepared_data, 
 def test_a_frozen_trainer_stops_the_loader_at_the_slot_count(prepared_data, tmp_path):
     slots = 3
     with InputPipeline(prepared_data, tmp_path / "run", batch=BATCH, augmenters=2, slots=slots, val_every=0) as pipe:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            beats = pipe.poll_beats()
-            if beats.get(("loader", 0), {}).get("counters", {}).get("batches", 0) >= slots:
-                break
-            time.sleep(0.2)
-        time.sleep(2.0)  # nothing is consumed meanwhile
-        beats = pipe.poll_beats()
-        issued = beats[("loader", 0)]["counters"]["batches"]
-        # The loader read exactly one batch per slot and then waited for a credit.
-        assert issued == slots
-        assert beats[("loader", 0)]["free_slots"] == 0
+        def loader_idle(batches):
+            """The loader's beat once it has read `batches` and then spent a whole beat
+            waiting for a credit (its starved time grew while its count stayed)."""
+            seen = {}
+
+            def idle():
+                beat = pipe.poll_beats().get(("loader", 0))
+                if beat is None or beat["counters"]["batches"] < batches:
+                    return None
+                first = seen.setdefault("beat", beat)
+                if beat["counters"]["batches"] != first["counters"]["batches"]:
+                    seen["beat"] = beat  # still reading: start over from this beat
+                    return None
+                return beat if beat["counters"]["starved"] > first["counters"]["starved"] else None
+
+            return wait_for(idle, timeout=60, what=f"the loader to wait after {batches} batches", every=0.05)
+
+        # Nothing is consumed: the loader reads exactly one batch per slot, then waits.
+        beat = loader_idle(slots)
+        assert beat["counters"]["batches"] == slots
+        assert beat["free_slots"] == 0
         # Consuming one batch frees one slot, and only one more batch is read.
-        pipe.copier.release(pipe.copier.next_batch(timeout_ms=30_000))
-        time.sleep(2.0)
-        assert pipe.poll_beats()[("loader", 0)]["counters"]["batches"] == slots + 1
+        collect(pipe, 1)
+        beat = loader_idle(slots + 1)
+        assert beat["counters"]["batches"] == slots + 1
+        assert beat["free_slots"] == 0
 
 
 def test_corrupt_samples_are_skipped_counted_and_never_fatal(raw_data, tmp_path):
@@ -176,9 +186,8 @@ def test_a_malformed_message_is_counted_and_the_feed_carries_on(prepared_data, t
         rogue.send_multipart([b"not json at all"])
         rogue.send_multipart(wire.encode("ready")[:1] + [b"surplus frame"])
         more = collect(pipe, 3)
-        deadline = time.monotonic() + 10
-        while pipe.copier.stats()["malformed"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: pipe.copier.stats()["malformed"] >= 2, timeout=30, what="both rogue frames counted",
+                 every=0.05)
         assert pipe.copier.stats()["malformed"] == 2
         rogue.close(linger=0)
     assert [s for _, s, *_ in first + more] == [0, 1, 2, 3]
@@ -238,9 +247,7 @@ def test_skips_are_counted_when_trained_not_when_prefetched(raw_data, tmp_path):
     with InputPipeline(raw_data, tmp_path / "run", batch=4, augmenters=1, val_every=0, seed=seed) as pipe:
         for _ in range(plan.train_batches):
             pipe.copier.release(pipe.copier.next_batch(timeout_ms=60_000))
-        deadline = time.monotonic() + 60
-        while len(pipe.copier.handed) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # wait for the prefetch of epoch 1
+        wait_for(lambda: len(pipe.copier.handed) >= 2, timeout=60, what="the prefetch of epoch 1", every=0.05)
         assert {key[0] for key in pipe.copier.handed} == {1}
         assert sum(pipe.copier.stats()["skipped"].values()) == len(bad & trained)
         assert pipe.copier.released_images == len(trained) - len(bad & trained)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from alexnetd.pipeline.fakedata import CONVERTIBLE_KINDS, CORRUPT_KINDS, CORRUPT
 from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.pipeline.prepare import prepare
 from alexnetd.service.cli import main
+from daemon_helpers import wait_for
 
 ALEXNETD = str(Path(sys.executable).with_name("alexnetd"))
 
@@ -199,8 +199,8 @@ def _start_and_catch_mid_way(raw_data: Path, out: Path) -> subprocess.Popen:
     proc = subprocess.Popen([ALEXNETD, "prepare", str(raw_data), str(out), "--workers", "1", "--shard-size", "64K"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     shards = out.parent / f"{out.name}.tmp-{proc.pid}" / "train"
-    while proc.poll() is None and not (shards.is_dir() and any(shards.iterdir())):
-        time.sleep(0.005)
+    wait_for(lambda: proc.poll() is not None or (shards.is_dir() and any(shards.iterdir())), timeout=120,
+             what="prepare's first shard", every=0.005)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     return proc
 

@@ -130,21 +130,29 @@ def test_short_soak_leaves_nothing_behind(tmp_path):
 
 
 ORPHAN = """
-import os, sys, time
+import os, select, sys, time
 from alexnetd.pipeline.launch import spawn_context
 from alexnetd.pipeline.stage import adopt_children
 
-def stage(marker):
-    time.sleep(2.0)  # still booting when its parent is killed
+def stage(marker, parent):
+    # Still booting when its parent dies: it makes its StopFlag only after that exit
+    # (a pidfd turns readable once the process has ended).
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        pass  # gone already
+    else:
+        select.select([fd], [], [], 60)
     from alexnetd.pipeline.stage import StopFlag
     stop = StopFlag()
     open(marker, "w").write(str(os.getpid()))
-    while not stop.stopping:
-        time.sleep(0.1)
+    deadline = time.monotonic() + 60  # a stage that never notices is still gone in a minute
+    while not stop.stopping and time.monotonic() < deadline:
+        time.sleep(0.1)  # polls its flag, as a stage's loop does
 
 if __name__ == "__main__":
     adopt_children()
-    child = spawn_context.Process(target=stage, args=(sys.argv[1],))
+    child = spawn_context.Process(target=stage, args=(sys.argv[1], os.getpid()))
     child.start()
     print(child.pid, flush=True)
     os._exit(0)  # the parent dies before the stage has made its StopFlag

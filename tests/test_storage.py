@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 import pytest
@@ -51,24 +50,30 @@ def ballast(path, leave_free: int) -> None:
         return st.f_bavail * st.f_frsize + held - CKPT
 
     readings = [room_at_rest()]
-    while len(readings) < 2 or abs(readings[-1] - readings[-2]) > (4 << 20):
-        assert len(readings) < 1000, f"free space does not settle: {readings[-5:]}"
-        time.sleep(0.01)
+
+    def settled() -> bool:
         readings.append(room_at_rest())
+        return abs(readings[-1] - readings[-2]) <= (4 << 20)
+
+    try:
+        wait_for(settled, timeout=30, what="free space to settle", every=0.01)
+    except TimeoutError:
+        raise AssertionError(f"free space does not settle: {readings[-5:]}") from None
     size = readings[-1] - leave_free
     assert size > 0, f"the filesystem has only {readings[-1]} bytes at rest, less than {leave_free}"
     # With a write in flight there is less room than at rest; try again when it has ended.
-    deadline = time.monotonic() + 120
     with open(path, "wb") as fh:
-        while True:
+        def filled() -> bool:
             try:
                 os.posix_fallocate(fh.fileno(), 0, size)
-                return
+                return True
             except OSError as exc:
-                if exc.errno != errno.ENOSPC or time.monotonic() > deadline:
+                if exc.errno != errno.ENOSPC:
                     raise
                 fh.truncate(0)
-                time.sleep(0.02)
+                return False
+
+        wait_for(filled, timeout=120, what="room for the ballast", every=0.02)
 
 
 def test_start_refuses_a_run_dir_that_cannot_hold_two_checkpoints(prepared_data, tmp_path):
