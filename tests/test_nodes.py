@@ -11,7 +11,7 @@ import torch
 from alexnetd.model import latest_checkpoint, load_checkpoint
 from alexnetd.service.daemoncmds import launcher_defaults
 from alexnetd.service.history import read_history
-from daemon_helpers import cli, free_port, start_args, status, wait_exit, wait_for
+from daemon_helpers import cli, free_port, holder, start_args, status, wait_exit, wait_for
 
 STEPS = 6  # one epoch of 4 steps (64 images, 2 x 8 a step) and half of the next
 
@@ -123,13 +123,30 @@ def test_a_node_that_never_starts_is_a_timeout_naming_it(prepared_data, tmp_path
 def test_nodes_that_start_different_runs_are_refused_naming_the_odd_one(prepared_data, tmp_path):
     rendezvous, config = f"127.0.0.1:{free_port()}", exact_config(tmp_path)
     dirs = [tmp_path / "node0", tmp_path / "node1"]
-    cli(*node_args(prepared_data, dirs[0], 0, rendezvous, config), check=True)
-    cli(*node_args(prepared_data, dirs[1], 1, rendezvous, config, "--seed", 5), check=True)
-    wait_exit(dirs[0], timeout=120)
-    wait_exit(dirs[1], timeout=120)
-    for run_dir in dirs:
-        log = (run_dir / "alexnetd.log").read_text()
-        assert "node 1 has a different --seed from node 0 (5 against 4)" in log
+    reason = "node 1 has a different --seed from node 0 (5 against 4)"
+    try:
+        cli(*node_args(prepared_data, dirs[0], 0, rendezvous, config), check=True)
+        odd = cli(*node_args(prepared_data, dirs[1], 1, rendezvous, config, "--seed", 5))
+        # Node 0 compares the runs once node 1 has joined, names the odd node and stops
+        # (group.py: _check_agreement posts the reason to the store for the other nodes,
+        # then node 0's halt takes the store down with it).
+        wait_exit(dirs[0], timeout=120)
+        assert reason in (dirs[0] / "alexnetd.log").read_text()
+        # Node 1 stops too. It learns the reason if it reads the store before the store is
+        # gone; otherwise all it can say is that node 0 went before the group formed.
+        wait_exit(dirs[1], timeout=120)
+        log = (dirs[1] / "alexnetd.log").read_text()
+        told = reason in log
+        assert told or ("lost the rendezvous" in log and "the group did not form" in log), log[-3000:]
+        if odd.returncode != 0:  # that came before node 1 was ready: its `start` failed
+            assert odd.returncode == 1, odd.stderr
+            if told:  # (a lost store is told by the log's last error line, often torch's own)
+                assert reason in odd.stderr, odd.stderr
+        assert "Traceback" not in odd.stderr
+    finally:
+        for run_dir in dirs:
+            if holder(run_dir) is not None:  # an assertion left it running
+                cli("stop", "--run-dir", run_dir, "--now")
 
 
 def test_multi_node_mistakes_are_one_line(prepared_data, tmp_path):
