@@ -84,6 +84,8 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # -- data ------------------------------------------------------------------------------
 
 def prepared(work: Path) -> Path:
+    """The scenarios' data set, made once in `work` (the tests pass their session's own,
+    which is the same set: tests/conftest.py's PREPARED)."""
     from alexnetd.pipeline.fakedata import make_fake_data
 
     out = work / "prepared"
@@ -94,10 +96,10 @@ def prepared(work: Path) -> Path:
 
 # -- scenario: SIGKILL chaos -----------------------------------------------------------
 
-def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0) -> dict:
+def sigkill(work: Path, kills_per_kind: int, steps: int, seed: int = 0, data: Path | None = None) -> dict:
     """Kill loader, augmenters, trainer and the daemon at random moments of a deterministic
     run; compare its final weights and ledger with an undisturbed run's."""
-    data, rng = prepared(work), random.Random(seed)
+    data, rng = data or prepared(work), random.Random(seed)
     config = work / "chaos.toml"
     config.write_text(f"restart_limit = {10 * kills_per_kind + 10}\n")
     reference, chaos = work / "sigkill-ref", work / "sigkill-chaos"
@@ -434,13 +436,13 @@ def hostile_frames(n: int, canary: Path, seed: int = 0) -> list[list[bytes]]:
     return frames
 
 
-def hostile(work: Path, frames_per_socket: int) -> dict:
+def hostile(work: Path, frames_per_socket: int, data: Path | None = None) -> dict:
     """Frames into every socket a peer can push into, garbage HTTP at /metrics; then
     /proc/net says what listens. The daemon must keep training and never unpickle."""
     from alexnetd.pipeline.stage import Endpoints
     from alexnetd.service.control import control_endpoint
 
-    data, run, port = prepared(work), work / "hostile-run", free_port()
+    data, run, port = data or prepared(work), work / "hostile-run", free_port()
     shutil.rmtree(run, ignore_errors=True)
     canary = work / "canary"
     canary.unlink(missing_ok=True)
@@ -567,14 +569,14 @@ def _addr(hexaddr: str) -> str:
     return "[" + ":".join(full[i:i + 4] for i in range(0, 32, 4)) + f"]:{int(port, 16)}"
 
 
-def tar_shards(work: Path) -> dict:
+def tar_shards(work: Path, data: Path | None = None) -> dict:
     """Members the index points at that are not plain files under relative names are
     refused by the reader (read() raises; the loader sends them empty; they are skipped)."""
     import tarfile
 
     from alexnetd.pipeline.dataset import open_dataset
 
-    src = prepared(work)
+    src = data or prepared(work)
     out = {}
     for kind in ("dotdot", "symlink", "device", "absolute"):
         copy = work / f"tar-{kind}"
@@ -608,10 +610,10 @@ def tar_shards(work: Path) -> dict:
 
 # -- scenario: soak --------------------------------------------------------------------
 
-def soak(work: Path, minutes: float, sample_every: float) -> dict:
+def soak(work: Path, minutes: float, sample_every: float, data: Path | None = None) -> dict:
     """A long CPU run: RSS and open descriptors of every process sampled; then stop, and
     a SIGKILL of the daemon + start + stop, after which nothing may be left behind."""
-    data, run = prepared(work), work / "soak-run"
+    data, run = data or prepared(work), work / "soak-run"
     shutil.rmtree(run, ignore_errors=True)
     start(data, run, "--max-epochs", 100000, "--checkpoint-every", 5)
     samples = []  # (batches, {name: (rss bytes, fds)})

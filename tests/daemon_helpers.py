@@ -75,3 +75,16 @@ def start_args(data, run_dir, port, *extra):
     return ["start", "--data", data, "--run-dir", run_dir, "--batch-size", 8, "--augmenters", 2,
             "--metrics-addr", f"127.0.0.1:{port}", "--log-every", 1, "--bias-init", "caffe", *extra]
 
+
+# The exact runs: float64 and no dropout, so that runs which differ only in how a batch
+# is split (ranks, nodes) draw no randomness and agree to ~1e-15 (test_daemon.py derives
+# the tolerance). Six steps: one epoch of four (64 images, 16 a step) and half the next.
+EXACT_CONFIG = 'dropout = 0.0\ndtype = "float64"\n'
+EXACT_STEPS = 6
+
+
+def exact_args(data, run_dir, config, *extra):
+    """start_args of an exact run on the CPU (config: a file holding EXACT_CONFIG): one
+    augmenter, seed 4, EXACT_STEPS steps of batches of 8 unless `extra` says otherwise."""
+    return start_args(data, run_dir, free_port(), "--config", config, "--deterministic", "--seed", 4,
+                      "--device", "cpu", "--augmenters", 1, "--max-steps", EXACT_STEPS, *extra)

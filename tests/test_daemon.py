@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alexnetd.model import latest_checkpoint, load_checkpoint
-from daemon_helpers import alive, cli, free_port, start_args, status, wait_exit, wait_for
+from daemon_helpers import EXACT_STEPS, alive, cli, exact_args, free_port, start_args, status, wait_exit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -204,10 +204,11 @@ def test_past_the_skip_budget_the_daemon_stops_with_a_reason(raw_data, tmp_path)
     assert "halting" in (run_dir / "alexnetd.log").read_text()
 
 
-def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tmp_path):
+def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, exact_config, exact_single, tmp_path):
     """Two replicas (DDP over gloo on the CPU) with batches of 8 take the same steps as one
-    trainer with batches of 16: rank r trains on every other batch of the same permutation,
-    and DDP averages the gradients. Dropout off, so both runs draw no randomness.
+    trainer with batches of 16 (conftest.py's exact_single): rank r trains on every other
+    batch of the same permutation, and DDP averages the gradients. Dropout off, so both
+    runs draw no randomness.
 
     The two sides are equal only up to summation order: one process sums a weight's
     gradient over 16 samples in one reduction, the pair sums two halves of 8 and gloo
@@ -217,21 +218,17 @@ def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, tm
     u = 2^-53 instead of 2^-24: the same reorderings move weights 2^29 ≈ 5.4e8 times less,
     ~1e-15. Bound: the longest reduction is conv1's weight gradient, N = 16 x 55 x 55 =
     48,400 terms; two orders differ by at most 2·N·u·Σ|terms| ≈ 1.1e-11·Σ|terms|, and
-    after three steps of lr 0.01 with momentum the weights by a few times lr times that,
+    after six steps of lr 0.01 with momentum the weights by a few times lr times that,
     which stays far below 1e-9 for per-term gradients of size well below 1e2. A real
     fault (a rank on the wrong batches, gradients summed instead of averaged, a missed
     all-reduce) moves weights by lr·|g| >= 1e-6, three orders above the tolerance."""
-    config = tmp_path / "exact.toml"
-    config.write_text('dropout = 0.0\ndtype = "float64"\n')
-    common = ["--config", config, "--deterministic", "--max-steps", 3, "--augmenters", 1, "--seed", 4, "--device", "cpu"]
-    single, pair = tmp_path / "single", tmp_path / "pair"
-    cli(*start_args(prepared_data, single, free_port(), *common), "--batch-size", 16, check=True)
-    cli(*start_args(prepared_data, pair, free_port(), *common), "--gpus", 2, "--parallel", "data", check=True)
-    wait_exit(single)
+    pair = tmp_path / "pair"
+    cli(*exact_args(prepared_data, pair, exact_config, "--gpus", 2, "--parallel", "data"), check=True)
+    single = exact_single.finished()
     wait_exit(pair)
     a = load_checkpoint(latest_checkpoint(single / "checkpoints"))
     b = load_checkpoint(latest_checkpoint(pair / "checkpoints"))
-    assert a["step"] == b["step"] == 3
+    assert a["step"] == b["step"] == EXACT_STEPS
     assert (a["epoch"], a["next_seq"]) == (b["epoch"], b["next_seq"])
     for name, tensor in a["model"].items():
         assert tensor.dtype == torch.float64

@@ -11,27 +11,17 @@ import torch
 from alexnetd.model import latest_checkpoint, load_checkpoint
 from alexnetd.service.daemoncmds import launcher_defaults
 from alexnetd.service.history import read_history
-from daemon_helpers import cli, free_port, holder, start_args, status, wait_exit, wait_for
+from daemon_helpers import EXACT_STEPS, cli, exact_args, free_port, holder, start_args, status, wait_exit, wait_for
 
-STEPS = 6  # one epoch of 4 steps (64 images, 2 x 8 a step) and half of the next
-
-
-def exact_config(tmp_path):
-    # float64 and no dropout, as in the data-parallel test: the runs draw no randomness,
-    # and reduction order alone moves weights by ~1e-15.
-    path = tmp_path / "exact.toml"
-    path.write_text('dropout = 0.0\ndtype = "float64"\n')
-    return path
+STEPS = EXACT_STEPS  # one epoch of 4 steps (64 images, 2 x 8 a step) and half of the next
 
 
 def node_args(data, run_dir, node, rendezvous, config, *extra):
-    return start_args(data, run_dir, free_port(), "--config", config, "--deterministic", "--seed", 4, "--device", "cpu",
-                      "--augmenters", 1, "--max-steps", STEPS, "--nodes", 2, "--node-rank", node,
-                      "--rendezvous", rendezvous, *extra)
+    return exact_args(data, run_dir, config, "--nodes", 2, "--node-rank", node, "--rendezvous", rendezvous, *extra)
 
 
-def start_two(data, tmp_path, name, *extra, timeout=120):
-    rendezvous, config = f"127.0.0.1:{free_port()}", exact_config(tmp_path)
+def start_two(data, tmp_path, name, config, *extra, timeout=120):
+    rendezvous = f"127.0.0.1:{free_port()}"
     dirs = [tmp_path / f"{name}-node{n}" for n in (0, 1)]
     for node, run_dir in enumerate(dirs):
         started = cli(*node_args(data, run_dir, node, rendezvous, config, "--rendezvous-timeout", timeout, *extra),
@@ -45,10 +35,10 @@ def weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def undisturbed(prepared_data, tmp_path_factory):
+def undisturbed(prepared_data, exact_config, tmp_path_factory):
     """A two-node run of STEPS steps, untouched: (node dirs, what status said mid-run)."""
     tmp_path = tmp_path_factory.mktemp("undisturbed")
-    dirs, rendezvous = start_two(prepared_data, tmp_path, "run")
+    dirs, rendezvous = start_two(prepared_data, tmp_path, "run", exact_config)
     seen = wait_for(lambda: (s := status(dirs[1])) and s["step"] >= 1 and s, what="node 1 to train")
     seen["text"] = cli("status", "--run-dir", dirs[1]).stdout
     wait_exit(dirs[0])
@@ -57,13 +47,9 @@ def undisturbed(prepared_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_nodes_of_batch_8_equal_one_process_of_batch_16(prepared_data, tmp_path, undisturbed):
+def test_two_nodes_of_batch_8_equal_one_process_of_batch_16(exact_single, undisturbed):
     dirs, seen, rendezvous = undisturbed
-    single = tmp_path / "single"
-    cli(*start_args(prepared_data, single, free_port(), "--config", exact_config(tmp_path), "--deterministic", "--seed", 4,
-                    "--device", "cpu", "--augmenters", 1, "--max-steps", STEPS, "--batch-size", 16), check=True)
-    wait_exit(single)
-    a, b = weights(single), weights(dirs[0])
+    a, b = weights(exact_single.finished()), weights(dirs[0])
     assert a["step"] == b["step"] == STEPS
     assert (a["epoch"], a["next_seq"]) == (b["epoch"], b["next_seq"])
     for name, tensor in a["model"].items():
@@ -81,8 +67,9 @@ def test_two_nodes_of_batch_8_equal_one_process_of_batch_16(prepared_data, tmp_p
 
 
 @pytest.mark.slow
-def test_a_killed_trainer_on_node_1_restarts_both_nodes_at_the_same_step(prepared_data, tmp_path, undisturbed):
-    dirs, rendezvous = start_two(prepared_data, tmp_path, "kill")
+def test_a_killed_trainer_on_node_1_restarts_both_nodes_at_the_same_step(prepared_data, exact_config, tmp_path,
+                                                                         undisturbed):
+    dirs, rendezvous = start_two(prepared_data, tmp_path, "kill", exact_config)
     try:
         # Past the epoch's checkpoint (step 4), so the restart resumes from it.
         wait_for(lambda: (s := status(dirs[0])) and s["step"] >= 5, what="step 5")
@@ -108,9 +95,9 @@ def test_a_killed_trainer_on_node_1_restarts_both_nodes_at_the_same_step(prepare
         assert torch.equal(done["model"][name], tensor), name
 
 
-def test_a_node_that_never_starts_is_a_timeout_naming_it(prepared_data, tmp_path):
+def test_a_node_that_never_starts_is_a_timeout_naming_it(prepared_data, exact_config, tmp_path):
     rendezvous = f"127.0.0.1:{free_port()}"
-    args = node_args(prepared_data, tmp_path / "node0", 0, rendezvous, exact_config(tmp_path),
+    args = node_args(prepared_data, tmp_path / "node0", 0, rendezvous, exact_config,
                      "--rendezvous-timeout", 3, "--foreground")
     result = cli(*args, timeout=120)
     assert result.returncode == 1
@@ -120,13 +107,13 @@ def test_a_node_that_never_starts_is_a_timeout_naming_it(prepared_data, tmp_path
     assert len(halts) == 1 and "node 1 of 2 did not join" in halts[0]["reason"]
 
 
-def test_nodes_that_start_different_runs_are_refused_naming_the_odd_one(prepared_data, tmp_path):
-    rendezvous, config = f"127.0.0.1:{free_port()}", exact_config(tmp_path)
+def test_nodes_that_start_different_runs_are_refused_naming_the_odd_one(prepared_data, exact_config, tmp_path):
+    rendezvous = f"127.0.0.1:{free_port()}"
     dirs = [tmp_path / "node0", tmp_path / "node1"]
     reason = "node 1 has a different --seed from node 0 (5 against 4)"
     try:
-        cli(*node_args(prepared_data, dirs[0], 0, rendezvous, config), check=True)
-        odd = cli(*node_args(prepared_data, dirs[1], 1, rendezvous, config, "--seed", 5))
+        cli(*node_args(prepared_data, dirs[0], 0, rendezvous, exact_config), check=True)
+        odd = cli(*node_args(prepared_data, dirs[1], 1, rendezvous, exact_config, "--seed", 5))
         # Node 0 compares the runs once node 1 has joined, names the odd node and stops
         # (group.py: _check_agreement posts the reason to the store for the other nodes,
         # then node 0's halt takes the store down with it).

@@ -29,14 +29,12 @@ def _bad_keys(data) -> dict:
     return bad
 
 
-def test_the_last_checkpoint_is_written_once(prepared_data, tmp_path):
-    """The last epoch's checkpoint and the final one are the same state: one write."""
-    run_dir = tmp_path / "run"
-    cli(*start_args(prepared_data, run_dir, free_port(), "--max-epochs", 1, "--val-every", 0), check=True)
-    wait_exit(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+def test_the_last_checkpoint_is_written_once(trained):
+    """The last epoch's checkpoint and the final one are the same state: one write. (The
+    shared trained run ends at its last epoch, as --max-epochs runs do.)"""
+    rows = [json.loads(line) for line in (trained.run_dir / "history.jsonl").read_text().splitlines()]
     writes = [r for r in rows if r.get("event") == "checkpoint"]
-    assert [r["reason"] for r in writes] == ["epoch"]
+    assert [r["reason"] for r in writes] == ["epoch"] * trained.epochs
     assert len({r["step"] for r in writes}) == len(writes)
 
 
@@ -69,12 +67,12 @@ def test_skipped_files_are_named_once_per_run_and_shown(raw_data, tmp_path):
     assert all(Path(r["path"]).is_file() for r in rows)  # an ImageFolder's file, to go and fix
 
 
-def test_sigkills_lose_nothing_train_nothing_twice_and_change_no_weight(tmp_path):
+def test_sigkills_lose_nothing_train_nothing_twice_and_change_no_weight(prepared_data, tmp_path):
     """One kill of each kind through the real daemon: the supervisor's restart of the
     input side (an augmenter or the loader killed) and of the trainer, and a restarted
     daemon, each lose no batch and train none twice (the seq ledger). 24 steps leave room
     for the four kills and their restarts on a fast machine too."""
-    result = chaos.sigkill(tmp_path, kills_per_kind=1, steps=24)
+    result = chaos.sigkill(tmp_path, kills_per_kind=1, steps=24, data=prepared_data)
     assert result["kills"] == {"loader": 1, "augmenter": 1, "trainer": 1, "daemon": 1}, result
     assert result["lost"] == 0 and result["trained_twice"] == 0 and result["ledger_in_order"], result
     assert result["max_abs_dw"] == 0.0, result
@@ -89,8 +87,8 @@ def test_fuzzed_jpegs_never_crash_and_are_each_named_once(tmp_path):
     assert result["daemon_matches_truth"] and result["daemon_named"] == result["daemon_expected"] > 0
 
 
-def test_hostile_frames_are_refused_and_nothing_is_unpickled(tmp_path):
-    result = chaos.hostile(tmp_path, 2000)
+def test_hostile_frames_are_refused_and_nothing_is_unpickled(prepared_data, tmp_path):
+    result = chaos.hostile(tmp_path, 2000, data=prepared_data)
     assert not result["canary_appeared"]
     assert result["kept_training"] and result["restarts"] == 0 and result["metrics_still_served"]
     assert result["control_answered"] == result["sent"]["control"] == result["counted"]["control"]
@@ -100,8 +98,8 @@ def test_hostile_frames_are_refused_and_nothing_is_unpickled(tmp_path):
     assert result["tcp_loopback_only"] and result["unix_in_run_dir"] and result["run_dir_mode"] == "0o700"
 
 
-def test_tar_members_that_are_not_plain_relative_files_are_refused(tmp_path):
-    assert chaos.tar_shards(tmp_path) == {k: "refused" for k in ("dotdot", "symlink", "device", "absolute")}
+def test_tar_members_that_are_not_plain_relative_files_are_refused(prepared_data, tmp_path):
+    assert chaos.tar_shards(tmp_path, data=prepared_data) == {k: "refused" for k in ("dotdot", "symlink", "device", "absolute")}
 
 
 def test_truncated_checkpoints_never_load(tmp_path):
@@ -125,8 +123,8 @@ def test_small_and_read_only_run_dirs_are_refused_in_one_line(prepared_data, tmp
     assert result == {"full_disk_refused_one_line": True, "read_only_refused_one_line": True}
 
 
-def test_short_soak_leaves_nothing_behind(tmp_path):
-    result = chaos.soak(tmp_path, minutes=0.5, sample_every=10)
+def test_short_soak_leaves_nothing_behind(prepared_data, tmp_path):
+    result = chaos.soak(tmp_path, minutes=0.5, sample_every=10, data=prepared_data)
     assert result["batches"] > 0
     assert result["left_after_stop"] == [] and result["left_after_kill_start_stop"] == []
     assert all(change <= 2 for change in result["fd_change"].values()), result
