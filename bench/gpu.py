@@ -300,7 +300,11 @@ def run_daemon(ctx, decoder: str = "cpu") -> dict:
             time.sleep(0.5)
         t0, s0 = time.monotonic(), first["step"]
         time.sleep(ctx.daemon_seconds)
-        last = status()
+        # A window without a step measures nothing (a slow CPU under --dry-run): it lasts
+        # until the next step.
+        deadline = time.monotonic() + ctx.daemon_start_timeout
+        while (last := status())["step"] == s0 and last["state"] != "not running" and time.monotonic() < deadline:
+            time.sleep(0.5)
         t1, s1 = time.monotonic(), last["step"]
         if last["state"] == "not running":
             raise RuntimeError("the daemon stopped during the measurement")
