@@ -106,11 +106,6 @@ class RunLayout:
     def name(self, stage: str, local: int = 0, index: int = 0) -> ProcName:
         return ProcName(local, stage, index, self.local_ranks > 1)
 
-    def input_names(self, local: int) -> list[ProcName]:
-        """The loader and the decoder's processes of one rank, in start order."""
-        return [self.name("loader", local)] + [self.name(stage, local, index)
-                                                for stage, index in self.decoding.stages({}, "", 0)]
-
     # -- resources -----------------------------------------------------------------
 
     @property

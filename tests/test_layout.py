@@ -21,7 +21,8 @@ def _config(prepared_data, tmp_path, **kw) -> Config:
 def test_one_rank_names_and_directories(prepared_data, tmp_path):
     layout = RunLayout.from_config(_config(prepared_data, tmp_path, augmenters=2))
     assert (layout.world_size, layout.local_ranks, layout.first_rank) == (1, 1, 0)
-    assert [str(n) for n in layout.input_names(0)] == ["loader", "augmenter-0", "augmenter-1"]
+    names = [str(layout.name(stage, 0, index)) for stage, index in layout.decoding.stages({}, "", 0)]
+    assert names == ["augmenter-0", "augmenter-1"]
     assert str(layout.name("trainer")) == "trainer"
     assert layout.ranks[0].dir == tmp_path / "run"
     assert layout.ranks[0].endpoints.beats == layout.beats
@@ -61,7 +62,7 @@ def test_the_dali_decoder_asks_no_dev_shm_for_pixels(prepared_data, tmp_path):
     layout = RunLayout.from_config(_config(prepared_data, tmp_path, decoder="dali", augmenters=16))
     assert layout.ring_batch == 0 and layout.shm_bytes == 0
     assert layout.slots == 4
-    assert layout.input_names(0) == [layout.name("loader")]
+    assert layout.decoding.stages({}, "", 0) == {}
     assert layout.decoding.host_of("augmenter") == "trainer"
 
 
