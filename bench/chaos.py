@@ -49,9 +49,12 @@ RUN = ["--batch-size", "8", "--augmenters", "2", "--log-every", "1", "--bias-ini
 
 # -- driving the daemon ----------------------------------------------------------------
 
-def start(data, run_dir, *extra, port=None) -> subprocess.CompletedProcess:
+def start(data, run_dir, *extra, port=None, check: bool = True) -> subprocess.CompletedProcess:
+    """`alexnetd start` with RUN's flags. A start that fails raises, saying why, unless
+    `check` is False: the scenario would otherwise wait for a daemon that never came."""
     port = port or free_port()
-    return cli("start", "--data", data, "--run-dir", run_dir, "--metrics-addr", f"127.0.0.1:{port}", *RUN, *extra)
+    return cli("start", "--data", data, "--run-dir", run_dir, "--metrics-addr", f"127.0.0.1:{port}", *RUN, *extra,
+               check=check)
 
 
 def history(run_dir) -> list[dict]:
@@ -202,7 +205,7 @@ def refusals(work: Path, data: Path) -> dict:
     out, small = {}, work / "small-fs"
     if _mount(small, int(1.5 * checkpoint_bytes(4)), ro=False):
         try:
-            result = start(data, small / "run", "--keep-checkpoints", 1)
+            result = start(data, small / "run", "--keep-checkpoints", 1, check=False)
             out["full_disk_refused_one_line"] = (result.returncode != 0 and "MiB free" in result.stderr
                                                  and len(result.stderr.strip().splitlines()) == 1)
         finally:
@@ -211,7 +214,7 @@ def refusals(work: Path, data: Path) -> dict:
         try:
             (small / "run").mkdir(mode=0o700)
             subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
-            result = start(data, small / "run")
+            result = start(data, small / "run", check=False)
             out["read_only_refused_one_line"] = (result.returncode != 0 and "Read-only" in result.stderr
                                                  and "Traceback" not in result.stderr)
         finally:
