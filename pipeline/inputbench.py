@@ -20,7 +20,7 @@ from alexnetd.pipeline.jpeg import Decoder
 from alexnetd.pipeline.ring import IMAGE
 from alexnetd.pipeline.decoders import default_augmenters
 from alexnetd.pipeline.launch import InputPipeline
-from alexnetd.pipeline.stage import STAGES, StageClock, spawn_context
+from alexnetd.pipeline.stage import BEAT_SECONDS, STAGES, StageClock, spawn_context
 
 __all__ = ["bench_input", "decode_ceiling"]
 
@@ -85,6 +85,16 @@ def _stage_totals(pipe: InputPipeline, trainer: StageClock) -> dict:
     return totals
 
 
+def _await_beats_after(pipe: InputPipeline, t: float, timeout: float = 10 * BEAT_SECONDS) -> None:
+    """Until every stage process that has beaten has beaten again after time `t` (a
+    stage beats every BEAT_SECONDS while it runs), or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(beat.get("t", 0) > t for beat in pipe.poll_beats().values()):
+            return
+        pipe.wait_beat(100)
+
+
 def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None, batch: int = 128,
                 augmenters: int | None = None, slots: int | None = None,
                 simulate_step_ms: float = 0.0, ceiling: bool = True, seed: int = 0, decoder: str = "cpu",
@@ -118,7 +128,7 @@ def bench_input(data, run_dir, seconds: float = 10.0, batches: int | None = None
             trainer.images += got.n
             done += 1
         elapsed = time.perf_counter() - start
-        time.sleep(0.6)  # every stage sends one more beat: the shares' end point
+        _await_beats_after(pipe, time.time())  # the shares' end point: a beat of every stage from now
         after = _stage_totals(pipe, trainer)
     stages = {}
     for stage in STAGES:

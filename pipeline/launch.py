@@ -116,6 +116,11 @@ class InputPipeline:
         self.ring.close()
         self.ring.unlink()
 
+    def wait_beat(self, timeout_ms: int) -> None:
+        """Block until a heartbeat arrives or timeout_ms pass."""
+        if self._beats is not None:
+            self._beats.poll(timeout_ms)
+
     def poll_beats(self) -> dict:
         """Drain heartbeats; return the latest counters per (stage, index)."""
         for msg in wire.drain(self._beats) if self._beats is not None else ():

@@ -77,6 +77,7 @@ class Supervisor:
         self.control, self.beat_socket = ctx.socket(zmq.REP), ctx.socket(zmq.PULL)
         for sock in (self.control, self.beat_socket):
             sock.setsockopt(zmq.LINGER, 0)
+        (self.layout.run_dir / "halt.json").unlink(missing_ok=True)  # a reason left by an earlier run
         self.history = History(self.layout.run_dir)
         self.history.write("event", event="daemon-start", pid=os.getpid(), fresh=self.fresh)
         self.stages = StageProcesses(self.layout, self.ledger, self.history, self._group_args, self._end_round)
@@ -120,6 +121,10 @@ class Supervisor:
         except Halt as exc:
             self.halt_reason = str(exc)
             log.error("halting: %s", exc)
+            # Where `start` looks for why the daemon stopped (a trainer's own reason stays).
+            halt_file = self.layout.run_dir / "halt.json"
+            if not halt_file.exists():
+                halt_file.write_text(json.dumps({"reason": str(exc)}))
             if self.group is not None and not str(exc).startswith("the group stopped"):
                 self.group.post_halt(str(exc))
             self.history.write("event", event="halt", reason=str(exc))

@@ -219,10 +219,12 @@ class Trainer:
             self.decoder.start()
         self.history.write("event", event="trainer-start", step=self.step, epoch=self.position[0])
         last_checkpoint_time = time.monotonic()
-        reason = "stopped"
+        # Resumed at --max-steps already: nothing to train (every rank has the same step).
+        at_limit = bool(self.config.max_steps) and self.step >= self.config.max_steps
+        reason = "max-steps" if at_limit else "stopped"
         try:
             batches = 0
-            while True:
+            while not at_limit:
                 stopping, over_budget = self.stop is not None and self.stop.stopping, self._skipped_over_budget()
                 if self.world_size > 1:
                     if batches % AGREE_EVERY:
