@@ -256,9 +256,12 @@ def _check_resume(config: Config, dataset) -> None:
 
     try:
         # The trainer's own rule: the newest checkpoint that loads.
-        load_latest_checkpoint(Path(config.run_dir) / "checkpoints", dataset.fingerprint, config.data)
+        found = load_latest_checkpoint(Path(config.run_dir) / "checkpoints", dataset.fingerprint, config.data)
     except CheckpointError as exc:
         raise click.ClickException(f"{exc} (start with --fresh to train from scratch)") from None
+    if found is not None and config.max_steps and int(found[1]["step"]) >= config.max_steps:
+        raise click.ClickException(f"{found[0]} is at step {found[1]['step']}, already --max-steps {config.max_steps}: "
+                                   "nothing to train (raise --max-steps, or --fresh to start over)")
 
 
 def _set_aside_previous_run(run_dir: Path) -> None:

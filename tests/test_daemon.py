@@ -127,6 +127,11 @@ def test_resumed_run_reaches_the_same_weights(prepared_data, tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert a["schedule"] == b["schedule"]
+    # Started again at its --max-steps: nothing to train, said in one line.
+    again = cli(*start_args(prepared_data, split, free_port(), "--max-steps", 12, *common))
+    assert again.returncode == 1 and "already --max-steps 12: nothing to train" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert load_checkpoint(latest_checkpoint(split / "checkpoints"))["step"] == 12
 
 
 @pytest.mark.parametrize("args, words", [
