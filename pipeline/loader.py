@@ -89,6 +89,12 @@ def run_loader(cfg: dict) -> None:
                 blob, offsets = _read(splits[split], indices)
                 labels = splits[split].labels[indices]
             with clock.timing("blocked"):
+                # Wait for an augmenter to take it, still watching the stop flag: augmenters
+                # whose supervisor died exit, and a send blocked on them would never return.
+                while not jobs.poll(POLL_MS, zmq.POLLOUT) and not stop.stopping:
+                    beat.maybe(clock, free_slots=len(free))
+                if stop.stopping:
+                    break
                 wire.send(jobs, "job", [blob, offsets, labels, indices], epoch=epoch, seq=seq, slot=slot,
                           split=split, generation=generation)
             clock.images += len(indices)
