@@ -209,6 +209,9 @@ class Trainer:
         self.history.write("event", event="checkpoint", reason=reason, step=self.step, path=str(path),
                            seconds=round(seconds, 3))
         log.info("checkpoint %s (%s, %.2f s)", path.name, reason, seconds)
+        # Say at once that it is over: with checkpoints close together, the forced
+        # "checkpointing" beat could otherwise be the only one the supervisor ever sees.
+        self._beat(self.phase, force=True)
         return True
 
     # -- the loop ------------------------------------------------------------------
