@@ -48,41 +48,90 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-@click.command("fake-data", help="Write a small synthetic ImageNet-like dataset (prepared shards, or --raw ImageFolder).")
+_FAKE_HELP = """Write a small synthetic ImageNet-like dataset.
+
+\b
+--layout prepared     prepared shards, as `alexnetd prepare` writes them (the default)
+--layout imagefolder  an ImageFolder tree OUT/{train,val}/<wnid>/*.JPEG (same as --raw)
+--layout ilsvrc2012   the three files as distributed: ILSVRC2012_img_train.tar (a tar
+                      of per-class tars), ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz
+--layout kaggle       the Kaggle imagenet-object-localization-challenge root: LOC_*.csv,
+                      LOC_synset_mapping.txt, ILSVRC/Data/CLS-LOC/{train,val,test}
+
+The ilsvrc2012 and kaggle layouts keep the real data's traps (unsorted archive members,
+devkit IDs that are not the sorted-WNID order, one CMYK JPEG and one PNG named .JPEG)."""
+
+# Defaults of --classes/--train-per-class/--val-per-class: the ImageNet miniatures are
+# full-size images, so they default to fewer.
+_COUNTS = {"prepared": (10, 100, 20), "imagefolder": (10, 100, 20), "ilsvrc2012": (5, 6, 3), "kaggle": (5, 6, 3)}
+
+
+@click.command("fake-data", help=_FAKE_HELP)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--classes", type=click.IntRange(1, 100_000), default=10, show_default=True, help="Number of classes.")
-@click.option("--train-per-class", type=click.IntRange(1), default=100, show_default=True, help="Training images per class.")
-@click.option("--val-per-class", type=click.IntRange(0), default=20, show_default=True, help="Validation images per class.")
+@click.option("--layout", type=click.Choice(list(_COUNTS)), default=None,
+              help="What to write, see above [default: prepared].")
+@click.option("--classes", type=click.IntRange(1, 100_000), default=None,
+              help="Number of classes [default: 10; 5 for ilsvrc2012/kaggle].")
+@click.option("--train-per-class", type=click.IntRange(1), default=None,
+              help="Training images per class [default: 100; 6 for ilsvrc2012/kaggle].")
+@click.option("--val-per-class", type=click.IntRange(0), default=None,
+              help="Validation images per class [default: 20; 3 for ilsvrc2012/kaggle].")
 @click.option("--size", type=click.IntRange(8, 4096), default=256, show_default=True,
-              help="Side of the stored square images (prepared output only).")
-@click.option("--shards", type=click.IntRange(1), default=4, show_default=True, help="Training shards (prepared output).")
+              help="Side of the stored square images (--layout prepared only).")
+@click.option("--shards", type=click.IntRange(1), default=4, show_default=True,
+              help="Training shards (--layout prepared only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical output.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
-@click.option("--raw", is_flag=True, help="Write an ImageFolder tree OUT/{train,val}/<wnid>/*.JPEG of ImageNet-like sizes.")
+@click.option("--raw", is_flag=True, help="Same as --layout imagefolder.")
 @click.option("--corrupt", type=click.IntRange(0), default=0, show_default=True,
               help="With --raw: mix this many bad files into train (PNG, CMYK, grayscale, truncated, random, empty).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a dataset written earlier.")
-def fake_data(out, classes, train_per_class, val_per_class, size, shards, seed, quality, raw, corrupt, force):
+def fake_data(out, layout, classes, train_per_class, val_per_class, size, shards, seed, quality, raw, corrupt, force):
     from alexnetd.pipeline.fakedata import OutputExists, make_fake_data
 
+    if raw and layout not in (None, "imagefolder"):
+        raise click.BadParameter(f"is --layout imagefolder; not with --layout {layout}", param_hint="--raw")
+    layout = "imagefolder" if raw else layout or "prepared"
+    raw = layout == "imagefolder"
     if corrupt and not raw:
-        raise click.BadParameter("only applies with --raw", param_hint="--corrupt")
+        raise click.BadParameter("only applies with --raw (--layout imagefolder)", param_hint="--corrupt")
+    imagenet = layout in ("ilsvrc2012", "kaggle")
+    for name, value, default in (("--size", size, 256), ("--shards", shards, 4)):
+        if imagenet and value != default:
+            raise click.BadParameter(f"does not apply to --layout {layout}", param_hint=name)
+    defaults = _COUNTS[layout]
+    classes = defaults[0] if classes is None else classes
+    train_per_class = defaults[1] if train_per_class is None else train_per_class
+    val_per_class = defaults[2] if val_per_class is None else val_per_class
     start = time.monotonic()
     try:
         with _sigterm_as_exit():
-            make_fake_data(
-                out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, size=size,
-                shards=shards, seed=seed, quality=quality, raw=raw, corrupt=corrupt, force=force,
-            )
+            if imagenet:
+                from alexnetd.pipeline.fakeimagenet import make_fake_imagenet
+
+                summary = make_fake_imagenet(out, layout, classes=classes, train_per_class=train_per_class,
+                                             val_per_class=val_per_class, seed=seed, quality=quality, force=force)
+            else:
+                make_fake_data(
+                    out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, size=size,
+                    shards=shards, seed=seed, quality=quality, raw=raw, corrupt=corrupt, force=force,
+                )
     except (OutputExists, DatasetError) as exc:
         raise user_error(exc) from None
     except OSError as exc:
         raise user_error(f"{exc.filename or out}: {exc.strerror or exc}") from None
+    elapsed = f"in {time.monotonic() - start:.1f} s -> {out}"
+    if imagenet:
+        quirks = ", ".join(f"{len(summary[k])} {label}" for k, label in (("cmyk", "CMYK"), ("png", "PNG named .JPEG"))
+                           if summary[k])
+        test = f", test {summary['test']}" if summary["test"] else ""
+        click.echo(f"wrote the {layout} layout: {classes} classes, train {summary['train']} ({quirks}), "
+                   f"val {summary['val']}{test} {elapsed}")
+        return
     n_train, n_val = classes * train_per_class, classes * val_per_class
     kind = "an ImageFolder tree" if raw else "a prepared dataset"
     bad = f", {corrupt} bad files" if corrupt else ""
-    click.echo(f"wrote {kind}: {classes} classes, train {n_train}, val {n_val}{bad} "
-               f"in {time.monotonic() - start:.1f} s -> {out}")
+    click.echo(f"wrote {kind}: {classes} classes, train {n_train}, val {n_val}{bad} {elapsed}")
 
 
 @click.command("prepare", help="Convert an ImageFolder tree to 256x256 JPEG tar shards with index, mean image and colour PCA.")
