@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnetd.pipeline.downloads import find_download
 from alexnetd.pipeline.pixelstats import PixelStats, eigen_decomposition
 from alexnetd.pipeline.shards import FORMAT, FORMAT_VERSION, INDEX_DTYPE
 
@@ -48,9 +49,13 @@ def open_dataset(root: str | os.PathLike) -> "Dataset":
     if not root.exists():
         raise DatasetError(f"{root}: no such directory")
     if not root.is_dir():
-        raise DatasetError(f"{root}: not a directory")
+        download = find_download(root)
+        raise DatasetError(download.prepare_hint(root) if download else f"{root}: not a directory")
     if (root / "manifest.json").exists():
         return PreparedDataset(root)
+    download = find_download(root)
+    if download is not None:
+        raise DatasetError(download.prepare_hint(root))
     if (root / "train").is_dir():
         if any(p.suffix == ".tar" for p in (root / "train").iterdir()):
             raise DatasetError(f"{root}: tar shards but no manifest.json (an unfinished prepare?); prepare it again")
@@ -300,7 +305,7 @@ def _class_dirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(class_dir: Path) -> list[str]:
+def image_files(class_dir: Path) -> list[str]:
     """Image files under one class folder (recursively), as sorted relative paths."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir):
@@ -330,7 +335,8 @@ class ImageFolderDataset(Dataset):
     kind = "imagefolder"
     image_size = 256
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, with_val: bool = True):
+        """`with_val=False` reads train/ only (a flat val/ is `prepare`'s to label)."""
         self.root = root
         train = root / "train"
         self.classes = _class_dirs(train)
@@ -343,10 +349,11 @@ class ImageFolderDataset(Dataset):
         if not self._files["train"][0]:
             raise DatasetError(f"{train}: no image files")
         val = root / "val"
-        if val.is_dir():
+        if val.is_dir() and with_val:
             val_classes = _class_dirs(val)
             if not val_classes:
-                raise DatasetError(f"{val}: no class folders (sort it into val/<class>/ like train/)")
+                raise DatasetError(f"{val}: no class folders; `alexnetd prepare {root} {root.parent / (root.name + '-prepared')}` "
+                                   "labels a flat val/ from the devkit or Kaggle's LOC_val_solution.csv next to train/")
             unknown = [c for c in val_classes if c not in label_of]
             if unknown:
                 more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
@@ -359,7 +366,7 @@ class ImageFolderDataset(Dataset):
     def _scan(self, split: str, classes: list[str], label_of: dict[str, int]) -> tuple[list[str], np.ndarray]:
         rels, labels = [], []
         for c in classes:
-            files = _image_files(self.root / split / c)
+            files = image_files(self.root / split / c)
             rels += [f"{split}/{c}/{f}" for f in files]
             labels += [label_of[c]] * len(files)
         return rels, np.asarray(labels, np.int64)

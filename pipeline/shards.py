@@ -49,6 +49,8 @@ __all__ = [
     "PreparedWriter",
     "KeyMaker",
     "fingerprint",
+    "split_entry",
+    "write_metadata",
     "parse_size",
     "temp_dir_for",
     "remove_stale_temp_dirs",
@@ -145,13 +147,16 @@ class KeyMaker:
 
 class ShardWriter:
     """Appends samples to `<dir>/<split>-NNNNNN.tar`, starting a new shard when the
-    next sample would take the current one past `max_bytes` or `max_count`."""
+    next sample would take the current one past `max_bytes` or `max_count`. Numbering
+    starts at `first` (a resumed prepare continues after the shards it kept)."""
 
-    def __init__(self, directory: Path, split: str, max_bytes: int | None = None, max_count: int | None = None):
+    def __init__(self, directory: Path, split: str, max_bytes: int | None = None, max_count: int | None = None,
+                 first: int = 0):
         self.directory = Path(directory)
         self.split = split
         self.max_bytes = max_bytes
         self.max_count = max_count
+        self.first = first
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []  # {"name", "bytes", "count"} of closed shards
         # Index columns as typed arrays: 20 bytes a sample, not a Python tuple's ~100.
@@ -179,7 +184,7 @@ class ShardWriter:
         self._file.write(_tar_header(f"{key}.cls", len(cls)))
         self._file.write(cls)
         self._file.write(_padding(len(cls)))
-        for name, value in (("shard", len(self.shards)), ("offset", offset), ("length", len(data)), ("label", label)):
+        for name, value in (("shard", self.first + len(self.shards)), ("offset", offset), ("length", len(data)), ("label", label)):
             self._columns[name].append(value)
         self._size += need
         self._count += 1
@@ -193,13 +198,20 @@ class ShardWriter:
             index[name] = np.frombuffer(column, dtype=column.typecode) if len(column) else 0
         return index
 
+    def index_rows(self, start: int, count: int) -> np.ndarray:
+        """INDEX_DTYPE rows [start, start+count) of what this writer has written."""
+        rows = np.zeros(count, INDEX_DTYPE)
+        for name, column in self._columns.items():
+            rows[name] = np.frombuffer(column, dtype=column.typecode)[start:start + count] if count else 0
+        return rows
+
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def _name(self) -> str:
-        return f"{self.split}-{len(self.shards):06d}.tar"
+        return f"{self.split}-{self.first + len(self.shards):06d}.tar"
 
     def _open_shard(self) -> None:
         self._file = open(self.directory / self._name(), "wb", buffering=1 << 20)
@@ -296,49 +308,70 @@ class PreparedWriter:
             shutil.rmtree(self.tmp / split, ignore_errors=True)
             self._writer = None
             return
-        index_name = f"{split}.index.npy"
-        np.save(self.tmp / index_name, index, allow_pickle=False)
-        shards = self._writer.shards
-        self.splits[split] = {
-            "count": int(len(index)),
-            "bytes": int(sum(s["bytes"] for s in shards)),
-            "index": index_name,
-            "shards": shards,
-            "urls": f"{split}/{split}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else None,
-        }
+        np.save(self.tmp / f"{split}.index.npy", index, allow_pickle=False)
+        self.splits[split] = split_entry(split, index, self._writer.shards)
         self._writer = None
 
     def commit(self, extra: dict | None = None) -> Path:
         """Write classes, statistics and the manifest (last), then rename into place."""
         assert self._writer is None and "train" in self.splits
-        classes = [{"wnid": c, "name": n} for c, n in zip(self.classes, self.class_names)]
-        _write_json(self.tmp / "classes.json", classes)
-        np.save(self.tmp / "mean.npy", self.stats.mean_image(), allow_pickle=False)
-        eigvals, eigvecs = self.stats.eigen()
-        _write_json(
-            self.tmp / "rgb_eig.json",
-            {
-                "eigvals": eigvals.tolist(),
-                "eigvecs": eigvecs.tolist(),  # eigvecs[i][j]: component i of eigenvector j
-                "covariance": self.stats.covariance().tolist(),
-                "mean_rgb": self.stats.mean_rgb().tolist(),
-                "images": self.stats.images,
-            },
-        )
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "image_size": self.size,
-            "classes": len(self.classes),
-            "splits": self.splits,
-            "fingerprint": fingerprint(self.tmp, self.splits),
-        }
-        manifest.update(extra or {})
-        _write_json(self.tmp / "manifest.json", manifest)
-        fsync_dir(self.tmp)
+        write_metadata(self.tmp, self.classes, self.class_names, self.stats, self.splits, self.size, extra)
         replace_dir(self.tmp, self.out, self.force)
         self._committed = True
         return self.out
+
+
+def split_entry(split: str, index: np.ndarray, shards: list[dict]) -> dict:
+    """The manifest's entry for one split whose index file is already written."""
+    return {
+        "count": int(len(index)),
+        "bytes": int(sum(s["bytes"] for s in shards)),
+        "index": f"{split}.index.npy",
+        "shards": shards,
+        "urls": f"{split}/{split}-{{000000..{len(shards) - 1:06d}}}.tar" if shards else None,
+    }
+
+
+def write_metadata(root: Path, classes: list[str], class_names: list[str], stats: PixelStats, splits: dict,
+                   size: int, extra: dict | None = None) -> None:
+    """classes.json, mean.npy, rgb_eig.json and, last, manifest.json into `root`, whose
+    shards and index files are written; fsynced, so the manifest never names data that
+    a power cut could still take away."""
+    _write_json(root / "classes.json", [{"wnid": c, "name": n} for c, n in zip(classes, class_names)])
+    np.save(root / "mean.npy", stats.mean_image(), allow_pickle=False)
+    eigvals, eigvecs = stats.eigen()
+    _write_json(
+        root / "rgb_eig.json",
+        {
+            "eigvals": eigvals.tolist(),
+            "eigvecs": eigvecs.tolist(),  # eigvecs[i][j]: component i of eigenvector j
+            "covariance": stats.covariance().tolist(),
+            "mean_rgb": stats.mean_rgb().tolist(),
+            "images": stats.images,
+        },
+    )
+    for name in ("classes.json", "mean.npy", "rgb_eig.json", *(info["index"] for info in splits.values())):
+        _fsync(root / name)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "image_size": size,
+        "classes": len(classes),
+        "splits": splits,
+        "fingerprint": fingerprint(root, splits),
+    }
+    manifest.update(extra or {})
+    _write_json(root / "manifest.json", manifest)
+    _fsync(root / "manifest.json")
+    fsync_dir(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- temp dirs and the final rename ----------------------------------------------------

@@ -134,24 +134,50 @@ def fake_data(out, layout, classes, train_per_class, val_per_class, size, shards
     click.echo(f"wrote {kind}: {classes} classes, train {n_train}, val {n_val}{bad} {elapsed}")
 
 
-@click.command("prepare", help="Convert an ImageFolder tree to 256x256 JPEG tar shards with index, mean image and colour PCA.")
+PREPARE_HELP = """Convert ImageNet, as downloaded, into 256x256 JPEG tar shards with an index, the
+mean image and the colour PCA (the paper's section 2).
+
+SRC is any of: the folder holding the official ILSVRC2012_img_train.tar,
+ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz; the Kaggle ILSVRC root (or its
+ILSVRC/Data/CLS-LOC folder); a train/ of the 1,000 class tars; or an ImageFolder tree
+train/<class>/*, val/<class>/* (a flat val/ is labelled from the devkit or
+LOC_val_solution.csv next to train/). The layout found is named on the first line.
+
+\b
+Archives are streamed, front to back, never extracted: beside OUT itself, the disk
+needed is one shard (--shard-size) in progress, plus the old OUT while --force replaces
+it. Labels are positions in the sorted WNIDs, as torchvision's. Interrupted at any
+point (Ctrl-C, a kill, a power cut, a full disk), the work stays in OUT.partial and the
+same command continues it, to the same bytes."""
+
+
+@click.command("prepare", help=PREPARE_HELP)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality of the re-encoded images.")
 @click.option("--shard-size", type=SizeParam(), default="256M", show_default=True, help="Largest shard (K/M/G suffixes).")
-@click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: all cores].")
-@click.option("--force", is_flag=True, help="Replace OUT if it is a prepared dataset.")
-def prepare(src, out, quality, shard_size, workers, force):
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decoding processes [default: all cores]; the output is the same for any.")
+@click.option("--verify", is_flag=True, help="First check the official archives' MD5s (a truncated download is common).")
+@click.option("--force", is_flag=True, help="Start over: replace OUT if it is a prepared dataset, and drop OUT.partial.")
+def prepare(src, out, quality, shard_size, workers, verify, force):
     from alexnetd.pipeline.prepare import PrepareError
     from alexnetd.pipeline.prepare import prepare as run_prepare
 
     try:
         with _sigterm_as_exit():
-            report = run_prepare(src, out, quality=quality, shard_size=shard_size, workers=workers, force=force)
+            report = run_prepare(src, out, quality=quality, shard_size=shard_size, workers=workers, force=force,
+                                 verify=verify, say=click.echo)
     except (PrepareError, DatasetError) as exc:
         raise user_error(exc) from None
     except OSError as exc:
-        raise user_error(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        raise user_error(f"{exc.filename or out}: {exc.strerror or exc}{_CONTINUE.format(out=out)}") from None
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if Path(f"{out}.partial").is_dir():
+            click.echo(f"interrupted{_CONTINUE.format(out=out)}", err=True)
+        raise SystemExit(exc.code if isinstance(exc, SystemExit) else 130) from None
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped files are listed in {Path(out) / 'skipped.txt'}")
+
+
+_CONTINUE = "; the finished shards are kept in {out}.partial: run the same command again to continue"

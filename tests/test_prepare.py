@@ -184,7 +184,7 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path, raw_data, prepared_
     assert message in result.output and "Traceback" not in result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(error_lines) == 1
-    assert not (tmp_path / "out").is_dir()
+    assert not (tmp_path / "out").is_dir() and not (tmp_path / "out.partial").exists()
 
 
 def test_bad_input_through_the_real_command(tmp_path):
@@ -194,47 +194,64 @@ def test_bad_input_through_the_real_command(tmp_path):
     assert proc.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such directory"
 
 
-def _start_and_catch_mid_way(raw_data: Path, out: Path) -> subprocess.Popen:
-    """Start a real prepare; return once its temp dir holds a shard (it is mid-way)."""
-    proc = subprocess.Popen([ALEXNETD, "prepare", str(raw_data), str(out), "--workers", "1", "--shard-size", "64K"],
+def _start_and_catch_mid_way(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """Start a real prepare; return once its journal holds a finished shard (it is mid-way)."""
+    proc = subprocess.Popen([ALEXNETD, "prepare", str(src), str(out), "--workers", "1", "--shard-size", "64K", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    shards = out.parent / f"{out.name}.tmp-{proc.pid}" / "train"
-    wait_for(lambda: proc.poll() is not None or (shards.is_dir() and any(shards.iterdir())), timeout=120,
-             what="prepare's first shard", every=0.005)
+    journal = out.parent / f"{out.name}.partial" / ".journal"
+    wait_for(lambda: proc.poll() is not None or (journal.is_dir() and any(journal.glob("train-*.json"))),
+             timeout=120, what="prepare's first finished shard", every=0.005)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     return proc
 
 
-def test_killed_prepare_leaves_nothing_that_opens_and_a_rerun_cleans_up(raw_data, tmp_path):
+def _tree_bytes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_killed_prepare_is_not_a_dataset_and_the_same_command_continues_it(raw_data, prepared_raw, tmp_path):
     out = tmp_path / "out"
     proc = _start_and_catch_mid_way(raw_data, out)
     proc.kill()
     proc.wait()
     assert not out.exists()
-    leftovers = list(tmp_path.iterdir())
-    assert [p.name for p in leftovers] == [f"out.tmp-{proc.pid}"]
+    partial = tmp_path / "out.partial"
     with pytest.raises(DatasetError, match="no manifest.json"):
-        open_dataset(leftovers[0])
-    prepare(raw_data, out, workers=1, progress=False)  # the stale temp dir goes
+        open_dataset(partial)
+    kept = {p.name: p.stat().st_ino for p in (partial / "train").iterdir()
+            if (partial / ".journal" / (p.stem + ".json")).is_file()}
+    assert kept, "the killed run had journaled no finished shard"
+    report = prepare(raw_data, out, workers=1, shard_size=64 << 10, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert report.kept_shards == len(kept)
+    # Kept means kept: the same files, not rewritten ones.
+    assert {name: (out / "train" / name).stat().st_ino for name in kept} == kept
+    whole = tmp_path / "whole"
+    prepare(raw_data, whole, workers=1, shard_size=64 << 10, progress=False)
+    assert _tree_bytes(out) == _tree_bytes(whole)
 
 
-def test_terminated_prepare_removes_its_temp_dir(raw_data, tmp_path):
+def test_terminated_prepare_keeps_its_work_and_says_how_to_continue(raw_data, tmp_path):
     out = tmp_path / "out"
     proc = _start_and_catch_mid_way(raw_data, out)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate()
     assert proc.returncode != 0 and b"Traceback" not in stderr
-    assert os.listdir(tmp_path) == []
+    assert "run the same command again to continue" in stderr.decode()
+    assert sorted(os.listdir(tmp_path)) == ["out.partial"]
 
 
-def test_stale_temp_dir_of_a_dead_run_is_not_a_dataset_and_is_removed(raw_data, tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / f"out.tmp-{dead.pid}"
-    (stale / "train").mkdir(parents=True)
-    (stale / "train" / "train-000000.tar").write_bytes(b"\0" * 1024)
-    with pytest.raises(DatasetError):
-        open_dataset(stale)
-    prepare(raw_data, tmp_path / "out", workers=1, progress=False)
+def test_a_partial_from_other_options_is_refused_unless_forced(raw_data, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_and_catch_mid_way(raw_data, out)
+    proc.kill()
+    proc.wait()
+    runner = CliRunner()
+    same = ["prepare", str(raw_data), str(out), "--workers", "1", "--shard-size", "64K"]
+    result = runner.invoke(main, [*same, "--quality", "50"])
+    assert result.exit_code != 0 and "started with other options (changed: quality)" in result.output
+    result = runner.invoke(main, [*same, "--quality", "50", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["source"]["quality"] == 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
