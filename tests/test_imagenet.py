@@ -290,3 +290,20 @@ def test_start_on_a_raw_download_names_it_and_the_prepare_command(downloads, tmp
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "not a dataset yet" in line and f"alexnetd prepare {data}" in line
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then_with_rate_and_time_left(monkeypatch):
+    import alexnetd.pipeline.progress as progress
+
+    class Log(io.StringIO):
+        def isatty(self):
+            return False
+
+    log = Log()
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)  # every update prints: the line itself is under test
+    bar = progress.Progress("train", total=1000, done=100, stream=log)
+    bar.update(50)
+    bar.close()
+    (line,) = log.getvalue().splitlines()
+    assert line.startswith("prepare train: 150/1000 images, ") and " images/s" in line and "left" in line
+    assert "\r" not in log.getvalue()
