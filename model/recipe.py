@@ -38,14 +38,21 @@ class PaperSGD(torch.optim.Optimizer):
     Weight decay applies to every parameter, biases included: the paper's "w" is all
     of them. Use parameter groups to do otherwise. The velocity starts at zero and is
     kept in ``state[p]["velocity"]``.
+
+    With ``foreach`` (the default) each of the four operations is one ``torch._foreach_*``
+    call over all the tensors of a device and dtype: on a GPU one launch instead of 16
+    (AlexNet has 8 weights and 8 biases), which matters once a step takes a millisecond.
+    It is the same elementwise arithmetic in the same order, so the result is the same
+    to the bit; ``foreach=False`` is the per-tensor form, kept as the reference.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4):
+                 weight_decay: float = 5e-4, foreach: bool = True):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got "
                              f"{lr}, {momentum}, {weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -55,15 +62,26 @@ class PaperSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v = state["velocity"]
-                v.mul_(m).add_(p, alpha=-wd * lr).add_(p.grad, alpha=-lr)
-                p.add_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "velocity" not in self.state[p]:
+                    self.state[p]["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.foreach:
+                # _foreach_* wants one device and dtype per list.
+                same: dict = {}
+                for p in params:
+                    same.setdefault((p.device, p.dtype), []).append(p)
+                for ps in same.values():
+                    vs, gs = [self.state[p]["velocity"] for p in ps], [p.grad for p in ps]
+                    torch._foreach_mul_(vs, m)
+                    torch._foreach_add_(vs, ps, alpha=-wd * lr)
+                    torch._foreach_add_(vs, gs, alpha=-lr)
+                    torch._foreach_add_(ps, vs)
+            else:
+                for p in params:
+                    v = self.state[p]["velocity"]
+                    v.mul_(m).add_(p, alpha=-wd * lr).add_(p.grad, alpha=-lr)
+                    p.add_(v)
         return loss
 
 

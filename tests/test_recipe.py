@@ -238,3 +238,31 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint():
     buf.seek(0)
     load_rng_state(torch.load(buf, weights_only=True)["rng"])
     assert torch.equal(torch.rand(5), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_paper_sgd_foreach_is_the_per_tensor_update_to_the_bit(device):
+    """One _foreach_* launch per operation for all of AlexNet's 16 tensors, in float32: the
+    same bits as the loop over tensors, through an lr drop."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from alexnetd.model.alexnet import AlexNet
+
+    torch.manual_seed(0)
+    a = AlexNet(num_classes=10).to(device)
+    b = AlexNet(num_classes=10).to(device)
+    b.load_state_dict(a.state_dict())
+    fast, slow = PaperSGD(a.parameters(), foreach=True), PaperSGD(b.parameters(), foreach=False)
+    assert len(list(a.parameters())) == 16
+    g = torch.Generator().manual_seed(1)
+    for lr in LRS:
+        set_lr(fast, lr)
+        set_lr(slow, lr)
+        for p, q in zip(a.parameters(), b.parameters()):
+            grad = torch.randn(p.shape, generator=g).to(device)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        fast.step()
+        slow.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(fast.state[p]["velocity"], slow.state[q]["velocity"])
