@@ -19,7 +19,8 @@ third decoder is one more class here and one entry in DECODERS.
   more "augmenter" process, the gateway (pipeline/remote.py), takes jobs like the local
   ones and writes what the hosts decode into local ring slots.
 - `dali`: no augmenter process; a thread of each trainer process decodes on the device
-  with NVIDIA DALI (pipeline/dali.py) and hands the copier device batches.
+  with NVIDIA DALI (pipeline/dali.py) and hands the copier device batches. What DALI must
+  not see is decoded on the host, image by image; its `status` rows count both paths.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class DaliDecoding:
 
     def __init__(self, threads: int, max_pixels: int | None = None):
         self.threads, self.max_pixels = threads, max_pixels
+        self._retired = _no_paths()  # of decoding threads already replaced
 
     @classmethod
     def configure(cls, augmenters: int, remote: dict | None, max_pixels: int | None) -> "DaliDecoding":
@@ -188,21 +190,58 @@ class DaliDecoding:
     def start_lines(self) -> list[str]:
         return []
 
+    # -- which path decoded the images: rows of status and the metrics ----------------
+
     def retire(self, beat: dict) -> None:
-        pass
+        """Fold a replaced decoding thread's counts in, so they stay monotonic."""
+        paths = beat.get("paths")
+        if paths:
+            _add_paths(self._retired, paths)
 
     def status(self, beats: dict) -> dict:
-        return {"remote_augmenters": None}
+        """{"decoder": {"name", "dali_decoded", "host_fallback", "host_fallback_reasons"}}:
+        images decoded on the device and on the host (by reason: FALLBACK_REASONS of
+        pipeline/dali.py), summed over every rank's thread, past and present."""
+        total = _no_paths()
+        _add_paths(total, self._retired)
+        for beat in beats.values():
+            if beat.get("paths"):
+                _add_paths(total, beat["paths"])
+        reasons = dict(sorted(total["host_fallback"].items()))
+        return {"remote_augmenters": None,
+                "decoder": {"name": self.name, "dali_decoded": total["dali_decoded"],
+                            "host_fallback": sum(reasons.values()), "host_fallback_reasons": reasons}}
 
     @staticmethod
     def status_lines(status: dict) -> list[str]:
-        return []
+        decoder = status.get("decoder")
+        if not decoder or decoder.get("name") != "dali":
+            return []
+        reasons = ", ".join(f"{_FALLBACK_WORDS.get(reason, reason)} {count:,}"
+                            for reason, count in decoder["host_fallback_reasons"].items())
+        return [f"  decoder     dali: {decoder['dali_decoded']:,} images on the device, "
+                f"{decoder['host_fallback']:,} on the host" + (f" ({reasons})" if reasons else "")]
 
     @staticmethod
     def missing() -> str | None:
         from alexnetd.pipeline.dali import dali_missing  # imports torch: only when asked
 
         return dali_missing()
+
+
+# How status names the reasons an image went to the host instead of DALI.
+_FALLBACK_WORDS = {"cmyk": "CMYK", "not_jpeg": "not JPEG", "no_eoi": "no end-of-image marker",
+                   "dali_error": "DALI failed on the batch"}
+
+
+def _no_paths() -> dict:
+    return {"dali_decoded": 0, "host_fallback": {}}
+
+
+def _add_paths(into: dict, paths: dict) -> None:
+    into["dali_decoded"] += paths.get("dali_decoded", 0)
+    for reason, count in (paths.get("host_fallback") or {}).items():
+        into["host_fallback"][reason] = into["host_fallback"].get(reason, 0) + count
 
 
 DECODERS = {"cpu": CpuDecoding, "dali": DaliDecoding}

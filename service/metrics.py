@@ -15,7 +15,7 @@ from alexnetd import __version__
 from alexnetd.pipeline.jpeg import REASONS
 from alexnetd.pipeline.stage import STAGES
 
-__all__ = ["DaemonCollector", "EXPORTED_METRICS", "STATES"]
+__all__ = ["DaemonCollector", "EXPORTED_METRICS", "DALI_METRICS", "STATES"]
 
 STATES = ("starting", "rendezvous", "training", "validating", "stopping", "degraded")
 
@@ -48,6 +48,9 @@ EXPORTED_METRICS = (
     "alexnetd_remote_refused_connections_total",
     "alexnetd_remote_reissued_batches_total",
 )
+# Only a daemon that decodes with `--decoder dali` exports these (the snapshot's
+# "decoder"): which path decoded its images, DALI on the device or the host fallback.
+DALI_METRICS = ("alexnetd_decoder_images_total",)
 
 
 class DaemonCollector(Collector):
@@ -58,7 +61,8 @@ class DaemonCollector(Collector):
      "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
      "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda", "checkpoint_failures": int,
-     "remote": {"hosts": [{"host", "workers", ...}], "images": {host: n}, "refused", "reissued"} | None}"""
+     "remote": {"hosts": [{"host", "workers", ...}], "images": {host: n}, "refused", "reissued"} | None,
+     "decoder": {"dali_decoded", "host_fallback", ...} | None (pipeline/decoders.py, DaliDecoding.status)}"""
 
     def __init__(self, snapshot):
         self.snapshot = snapshot
@@ -132,6 +136,19 @@ class DaemonCollector(Collector):
             state.add_metric([name], 1.0 if s["state"] == name else 0.0)
         yield state
         yield from _remote(s.get("remote"))
+        yield from _decoder(s.get("decoder"))
+
+
+def _decoder(decoder: dict | None):
+    """DALI's images by path: a host count that grows says the device path is not the one running."""
+    if not decoder:
+        return
+    images = CounterMetricFamily("alexnetd_decoder_images",
+                                 "Images decoded with --decoder dali: on the device by DALI, or on the host "
+                                 "(CMYK, not JPEG, suspect streams, batches DALI failed on).", labels=["path"])
+    images.add_metric(["dali"], float(decoder["dali_decoded"]))
+    images.add_metric(["host"], float(decoder["host_fallback"]))
+    yield images
 
 
 def _remote(remote: dict | None):
