@@ -44,15 +44,43 @@ class PaperSGD(torch.optim.Optimizer):
     (AlexNet has 8 weights and 8 biases), which matters once a step takes a millisecond.
     It is the same elementwise arithmetic in the same order, so the result is the same
     to the bit; ``foreach=False`` is the per-tensor form, kept as the reference.
+
+    ``lr_tensor=True`` reads ``-lr`` and ``-weight_decay * lr`` from 0-dim tensors on the
+    parameters' device instead of Python floats, so that a CUDA graph captured around
+    ``step`` follows ``set_lr`` without a new capture (a float is baked into the graph as
+    a kernel argument). ``sync_lr`` writes the groups' values into those tensors; ``step``
+    calls it, except while a CUDA graph is being captured (captured, its fill would pin
+    the lr of that moment): before each replay, call it yourself. The coefficients are
+    rounded to the parameters' dtype as the float path rounds them; the products are
+    then rounded before the additions, where the float path's kernels may fuse them (an
+    FMA), so the two paths can differ in the last bit.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, foreach: bool = True):
+                 weight_decay: float = 5e-4, foreach: bool = True, lr_tensor: bool = False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got "
                              f"{lr}, {momentum}, {weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.foreach = foreach
+        self.lr_tensor = lr_tensor
+        # (group index, device, dtype) -> [(-lr, -wd * lr) last written, -lr tensor, -wd * lr tensor]
+        self._coefficients: dict = {}
+
+    def sync_lr(self) -> None:
+        """With ``lr_tensor``: write each group's lr into the tensors the update reads
+        (only where it changed: one small fill each, no host sync)."""
+        for index, group in enumerate(self.param_groups):
+            want = (-group["lr"], -group["weight_decay"] * group["lr"])
+            for device, dtype in {(p.device, p.dtype) for p in group["params"]}:
+                held = self._coefficients.get((index, device, dtype))
+                if held is None:
+                    self._coefficients[(index, device, dtype)] = [
+                        want, *(torch.tensor(w, device=device, dtype=dtype) for w in want)]
+                elif held[0] != want:
+                    held[1].fill_(want[0])
+                    held[2].fill_(want[1])
+                    held[0] = want
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -60,13 +88,17 @@ class PaperSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        if self.lr_tensor and not _capturing():
+            self.sync_lr()  # eager: follow set_lr at once; a captured step is synced by its caller
+        for index, group in enumerate(self.param_groups):
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if "velocity" not in self.state[p]:
                     self.state[p]["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if self.foreach:
+            if self.lr_tensor:
+                self._tensor_lr_update(index, m, params)
+            elif self.foreach:
                 # _foreach_* wants one device and dtype per list.
                 same: dict = {}
                 for p in params:
@@ -83,6 +115,28 @@ class PaperSGD(torch.optim.Optimizer):
                     v.mul_(m).add_(p, alpha=-wd * lr).add_(p.grad, alpha=-lr)
                     p.add_(v)
         return loss
+
+    def _tensor_lr_update(self, index: int, m: float, params: list) -> None:
+        """The same update with the lr from this group's tensors (``lr_tensor``)."""
+        same: dict = {}
+        for p in params:
+            same.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), ps in same.items():
+            _, neg_lr, neg_wd_lr = self._coefficients[(index, device, dtype)]
+            vs, gs = [self.state[p]["velocity"] for p in ps], [p.grad for p in ps]
+            if self.foreach:
+                torch._foreach_mul_(vs, m)
+                torch._foreach_add_(vs, torch._foreach_mul(ps, neg_wd_lr))
+                torch._foreach_add_(vs, torch._foreach_mul(gs, neg_lr))
+                torch._foreach_add_(ps, vs)
+            else:
+                for p, v, g in zip(ps, vs, gs):
+                    v.mul_(m).add_(p * neg_wd_lr).add_(g * neg_lr)
+                    p.add_(v)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -66,6 +66,10 @@ class Config:
     # against another) 2^29 times smaller than in float32. No autocast with it.
     dtype: str = "float32"           # float32 | float64: the weights' and inputs' type
     channels_last: bool = True       # CUDA only
+    # The train step's form (service/trainstep.py); eager stays the default until
+    # bench/gpu.py has measured the forms on a GPU.
+    compile: bool = False            # torch.compile (inductor) of the step's forward and loss
+    cuda_graphs: bool = False        # CUDA, one device: forward, backward and update as one CUDA graph
     metrics_addr: str = "127.0.0.1:9464"
     remote_augmenters: str = ""      # HOST:PORT for remote augmenter hosts (CURVE); "" listens nowhere
     log_every: int = 10              # steps between history/log lines
@@ -109,6 +113,9 @@ class Config:
              "several nodes train data parallel: use --parallel data (the paper's two towers live on one node)"),
             (self.rendezvous_timeout > 0, "rendezvous_timeout must be > 0"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (not (self.compile and self.cuda_graphs), "compile and cuda_graphs are two forms of the train step: choose one"),
+            (not self.cuda_graphs or (self.gpus == 1 and self.nodes == 1),
+             "cuda_graphs captures one device's step: not with several GPUs or nodes (gpus 1, nodes 1)"),
             (self.heartbeat_timeout > 0, "heartbeat_timeout must be > 0"),
             (self.restart_limit >= 0, "restart_limit must be >= 0"),
         ]

@@ -78,6 +78,12 @@ def _options(func):
         click.option("--seed", type=int, help="[0]"),
         click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels, for exact reruns."),
         click.option("--bf16/--no-bf16", default=None, help="bf16 autocast on CUDA [on]."),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile (inductor) the step's forward and loss, at the first step (status: compiling); "
+                          "eager if it fails [off: eager until bench/gpu.py has measured the forms on a GPU]."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                     help="CUDA, one GPU: forward, backward and update captured as one CUDA graph, replayed each step "
+                          "[off: eager until bench/gpu.py has measured the forms on a GPU]."),
         click.option("--lighting/--no-lighting", default=None, help="PCA lighting augmentation (§4.1) [on]."),
         click.option("--skip-budget", type=float, help="Stop when more than this share of images fails to decode [0.01]."),
         click.option("--log-every", type=int, help="Steps between log/history lines [10]."),
@@ -198,6 +204,8 @@ def preflight(config: Config, fresh: bool):
         click.echo(note)
     if config.nodes > 1 and config.node_rank == 0:
         _check_rendezvous(config.rendezvous)
+    if config.cuda_graphs and config.device != "cuda":
+        raise click.ClickException("--cuda-graphs captures the step on a CUDA device; this run is on the cpu")
     if config.device == "cuda":
         import torch
 

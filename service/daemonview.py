@@ -15,7 +15,7 @@ import time
 from alexnetd.pipeline.stage import STAGES
 from alexnetd.service.beats import sum_ranks
 
-__all__ = ["status_view", "metrics_view", "progress_line", "slowest_rank"]
+__all__ = ["status_view", "metrics_view", "progress_line", "slowest_rank", "shown_state"]
 
 log = logging.getLogger("alexnetd.supervisor")
 
@@ -87,6 +87,15 @@ def _eta(sv, trainer: dict) -> float | None:
     return round(max(0, remaining) / rate_steps, 1)
 
 
+def shown_state(state: str, trainer: dict) -> str:
+    """The supervisor's state, or "compiling" while rank 0's trainer prepares its step
+    (torch.compile, or a CUDA graph's capture: service/trainstep.py), which takes from
+    seconds to minutes at the first step; a degraded or stopping daemon says so instead."""
+    if state in ("starting", "training", "validating") and trainer.get("state") == "compiling":
+        return "compiling"
+    return state
+
+
 def status_view(sv) -> dict:
     config, trainer = sv.config, sv.trainer_beat()
     stages = sv.ledger.stage_rates()
@@ -99,7 +108,7 @@ def status_view(sv) -> dict:
     seq = trainer.get("seq", 0)
     ranks = _ranks(sv)
     checkpoint = trainer.get("checkpoint")
-    state = sv.current_state()
+    state = shown_state(sv.current_state(), trainer)
     return {
         "state": state,
         "pid": os.getpid(),

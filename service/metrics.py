@@ -17,7 +17,7 @@ from alexnetd.pipeline.stage import STAGES
 
 __all__ = ["DaemonCollector", "EXPORTED_METRICS", "DALI_METRICS", "STATES"]
 
-STATES = ("starting", "rendezvous", "training", "validating", "stopping", "degraded")
+STATES = ("starting", "rendezvous", "compiling", "training", "validating", "stopping", "degraded")
 
 EXPORTED_METRICS = (
     "alexnetd_stage_images_total",

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import zmq
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +39,7 @@ from alexnetd.service.group import GroupError, join_trainers
 from alexnetd.service.history import History
 from alexnetd.service.layout import RunLayout
 from alexnetd.service.skiplog import SkipLog
+from alexnetd.service.trainstep import KeepBeating, make_train_step
 
 __all__ = ["run_trainer", "Trainer"]
 
@@ -107,6 +107,12 @@ class Trainer:
             # DDP broadcasts rank 0's initial weights, and all-reduces gradients in the step.
             self.net = DistributedDataParallel(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.optimizer = PaperSGD(self.model.parameters(), config.lr, config.momentum, config.weight_decay)
+        # eager (the default), --compile or --cuda-graphs (service/trainstep.py); `status`
+        # says compiling, and the beats go on, while a form compiles or is captured.
+        self.train_step = make_train_step(
+            self.net, self.optimizer, self.device, self.autocast, compile=config.compile,
+            cuda_graphs=config.cuda_graphs,
+            preparing=lambda: KeepBeating(lambda state: self._beat(state, force=True), lambda: self.phase))
         self.schedule = PlateauSchedule(config.lr, patience=config.lr_patience, max_epochs=config.max_epochs)
         self.transform = InputTransform(mean, eigvals, eigvecs, self.device, lighting=config.lighting)
         self.step = 0
@@ -292,12 +298,7 @@ class Trainer:
         x = self.transform.train(batch.images, batch.crops, batch.flips, batch.alphas).to(self.dtype)
         labels = batch.labels.to(self.device, non_blocking=True)
         self.model.train()
-        with autocast_context(self.device, self.autocast):
-            logits = self.net(x)
-        loss = F.cross_entropy(logits.float() if self.autocast else logits, labels)  # bf16 logits: the loss in fp32
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        loss = self.train_step.run(x, labels)
         self.step += 1
         self.clock.images += batch.n
         if self.step % self.config.log_every == 0 or self.step == 1:

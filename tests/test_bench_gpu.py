@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.py"
 STAGES = {"loader", "augmenter", "copier", "trainer"}
-CUDA_ONLY = {"synthetic-bf16", "synthetic-bf16_cl", "synthetic-compile", "synthetic-cudagraph"}
+FORMS = ["daemon-cudagraphs-128", "daemon-cudagraphs-256", "daemon-compile-128", "daemon-compile-256"]
+CUDA_ONLY = {"synthetic-bf16", "synthetic-bf16_cl", "synthetic-compile", "synthetic-cudagraph", *FORMS}
 
 
 def bench(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -31,10 +32,12 @@ def test_dry_run_runs_every_row_and_writes_json_and_markdown(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == ["synthetic-fp32", "synthetic-bf16", "synthetic-bf16_cl", "daemon", "dali", "dataloader",
-                          "towers", "gpu-tests", "synthetic-cudagraph", "synthetic-compile"]
+                          "towers", "gpu-tests", "synthetic-cudagraph", "synthetic-compile", *FORMS]
     assert not [name for name, row in rows.items() if row["status"] == "failed"]
     for name in CUDA_ONLY:
         assert rows[name]["status"] == "skipped" and rows[name]["reason"], name
+    for name in FORMS[:2]:  # the flag reaches `alexnetd start`, which refuses it off CUDA in one line
+        assert "--cuda-graphs captures the step on a CUDA device" in rows[name]["reason"], rows[name]
 
     step = rows["synthetic-fp32"]
     assert step["status"] == "ok" and step["ms_per_step"] > 0 and step["batch"] == report["batch"]
