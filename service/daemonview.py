@@ -178,6 +178,7 @@ def metrics_view(sv) -> dict:
         "memory": memory or None, "state": status["state"], "device": sv.config.device,
         "checkpoint_failures": status["checkpoint_failures"],
         "remote": status["remote_augmenters"],
+        "decoder": status.get("decoder"),  # --decoder dali's images by path; absent for cpu
     }
 
 
