@@ -110,10 +110,11 @@ class DaliDecoder:
         # geometry is computed in the stored frame.
         decode = dict(device="mixed" if cuda else "cpu", output_type=types.RGB, adjust_orientation=False,
                       **({} if cuda else {"use_fast_idct": False}))
+        # Both pipelines run one batch at a time, synchronously, in this thread.
+        run = dict(batch_size=self.batch, num_threads=self.threads, device_id=(self.device.index or 0) if cuda else None,
+                   exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
 
-        @pipeline_def(batch_size=self.batch, num_threads=self.threads,
-                      device_id=(self.device.index or 0) if cuda else None,
-                      exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+        @pipeline_def(**run)
         def square():
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
             pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT)
@@ -124,9 +125,7 @@ class DaliDecoder:
                                             **decode)
             return fn.flip(images, horizontal=mirror)
 
-        @pipeline_def(batch_size=self.batch, num_threads=self.threads,
-                      device_id=(self.device.index or 0) if cuda else None,
-                      exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+        @pipeline_def(**run)
         def window():
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
             anchor = fn.external_source(name="anchor", dtype=types.INT32)
