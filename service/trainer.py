@@ -112,7 +112,8 @@ class Trainer:
         self.train_step = make_train_step(
             self.net, self.optimizer, self.device, self.autocast, compile=config.compile,
             cuda_graphs=config.cuda_graphs,
-            preparing=lambda: KeepBeating(lambda state: self._beat(state, force=True), lambda: self.phase))
+            preparing=lambda: KeepBeating(lambda state: self._beat(state, force=True), lambda: self.phase,
+                                          on_tick=self._leave_if_stopped_while_preparing))
         self.schedule = PlateauSchedule(config.lr, patience=config.lr_patience, max_epochs=config.max_epochs)
         self.transform = InputTransform(mean, eigvals, eigvecs, self.device, lighting=config.lighting)
         self.step = 0
@@ -383,6 +384,27 @@ class Trainer:
         with open("/proc/self/statm") as fh:
             resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return {"cpu" if self.world_size == 1 else f"cpu:{self.local_rank}": resident}
+
+    def _leave_if_stopped_while_preparing(self) -> None:
+        """Called each second, from KeepBeating's thread, while the step compiles (minutes
+        on a CPU). A stop meanwhile need not wait for the compiler: the step being
+        compiled is this process's first trained step (a later batch of another shape
+        steps eagerly, trainstep.py), so nothing was trained since the checkpoint it
+        resumed from and there is nothing to save. Leaves at once, as a finished stop
+        does (history event, "stopping" beat, exit 0). One rank only: the ranks of a
+        group stop together at their vote, never one alone."""
+        if self.stop is None or not self.stop.stopping or self.world_size > 1:
+            return
+        if self.step != (self.saved_key[0] if self.saved_key else 0):
+            return  # trained steps the checkpoint lacks: the stop waits for the step, as always
+        log.info("stopped while the train step was being prepared; nothing trained since step %d, "
+                 "no checkpoint to write", self.step)
+        self.history.write("event", event="trainer-stop", reason="stopped while compiling", step=self.step,
+                           checkpoint_error=None)
+        self.history.close()
+        self._beat("stopping", force=True)
+        logging.shutdown()
+        os._exit(0)  # the compiler holds the main thread; the supervisor clears what is left
 
     def _beat(self, state: str, force: bool = False) -> None:
         if not (force or self.beat.due()):

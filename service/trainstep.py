@@ -276,10 +276,11 @@ class KeepBeating:
     seconds from a thread, and `beat(back_to())` when done. A compile can outlast the
     supervisor's heartbeat timeout, and the trainer's own thread is inside the compiler
     meanwhile. It touches no socket until it leaves, and join() hands them back (ZeroMQ's
-    rule for moving a socket between threads: a full memory barrier)."""
+    rule for moving a socket between threads: a full memory barrier). `on_tick`, called
+    after each beat from the thread, is where the trainer answers a stop meanwhile."""
 
-    def __init__(self, beat, back_to, every: float = 1.0):
-        self.beat, self.back_to, self.every = beat, back_to, every
+    def __init__(self, beat, back_to, every: float = 1.0, on_tick=None):
+        self.beat, self.back_to, self.every, self.on_tick = beat, back_to, every, on_tick
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="compiling-beats", daemon=True)
 
@@ -291,6 +292,8 @@ class KeepBeating:
     def _run(self) -> None:
         while not self._done.wait(self.every):
             self.beat("compiling")
+            if self.on_tick is not None:
+                self.on_tick()
 
     def __exit__(self, *exc) -> None:
         self._done.set()

@@ -386,3 +386,71 @@ def test_graphed_steps_equal_eager_ones_through_an_lr_drop_without_a_recapture(m
     assert step.captures == 1
     print("graphed vs eager, worst difference as a share of the derived bound:",
           {k: f"{v:.2e}" for k, v in worst.items()})
+
+
+_STOPPED_WHILE_COMPILING = r"""
+import os, signal, sys, threading, types
+import torch
+from alexnetd.model.recipe import PaperSGD
+from alexnetd.pipeline.stage import StopFlag
+from alexnetd.service.history import History
+from alexnetd.service.trainer import Trainer
+from alexnetd.service.trainstep import KeepBeating, make_train_step
+
+run_dir, saved_step, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+beats, ticked = [], threading.Condition()
+
+def beat(state, force=False):
+    with ticked:
+        beats.append(state)
+        ticked.notify_all()
+
+trainer = types.SimpleNamespace(stop=StopFlag(), world_size=1, step=step, history=History(run_dir),
+                                saved_key=None if saved_step == "none" else (int(saved_step), 0, 0), _beat=beat)
+leave = lambda: Trainer._leave_if_stopped_while_preparing(trainer)
+
+def slow_compiler(gm, example_inputs):
+    # The stop arrives while compiling; the compile ends only after five more ticks of
+    # the beating thread, each of which has asked the trainer whether to leave.
+    os.kill(os.getpid(), signal.SIGTERM)
+    with ticked:
+        asked = len(beats)
+        ticked.wait_for(lambda: len(beats) >= asked + 5, timeout=120)
+    print("compile finished", flush=True)
+    return gm.forward
+
+torch.manual_seed(0)
+net = torch.nn.Linear(4, 3)
+train_step = make_train_step(net, PaperSGD(net.parameters()), "cpu", False, compile=True, backend=slow_compiler,
+                             preparing=lambda: KeepBeating(lambda s: trainer._beat(s, True), lambda: "training",
+                                                           every=0.01, on_tick=leave))
+train_step.run(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+print("stepped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("saved_step, step, leaves", [("none", 0, True), ("40", 40, True), ("40", 41, False)])
+def test_a_stop_while_the_step_compiles_leaves_at_once_when_nothing_would_be_lost(tmp_path, saved_step, step,
+                                                                                 leaves):
+    """A real process compiles its first step and is sent SIGTERM meanwhile. With nothing
+    trained since the checkpoint (a fresh run, or a resumed one at its checkpoint's step)
+    it leaves at the beating thread's next tick, exit 0, with the history's trainer-stop
+    event, the compile unfinished. With a trained step the checkpoint lacks it does not:
+    the compile finishes (five ticks later) and the step is taken, for the trainer's loop
+    to checkpoint it and stop as always."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_COMPILING, str(tmp_path), saved_step, str(step)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = tmp_path / "history.jsonl"
+    events = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+    stops = [e for e in events if e.get("event") == "trainer-stop"]
+    if leaves:
+        assert "compile finished" not in done.stdout and "stepped" not in done.stdout
+        assert len(stops) == 1 and stops[0]["reason"] == "stopped while compiling" and stops[0]["step"] == step
+    else:
+        assert "compile finished" in done.stdout and "stepped" in done.stdout
+        assert stops == []
