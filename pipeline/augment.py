@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from alexnetd.pipeline import wire
+from alexnetd.pipeline.jobbytes import JobBytesReader
 from alexnetd.pipeline.jobloop import job_sockets, run_jobs
 from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample
 from alexnetd.pipeline.plan import train_draws
@@ -42,10 +43,12 @@ def run_augmenter(cfg: dict) -> None:
     jobs, ready = job_sockets(ctx, ends)
     clock = StageClock()
     beat = Heartbeat(ctx, ends.get("beats"), "augmenter", index=cfg.get("index", 0), rank=cfg.get("rank", 0))
+    job_bytes = JobBytesReader(cfg["ring"], cfg["slots"])
     run_jobs(jobs, ready, clock, beat, lambda job: augment_batch(job, ring, decoder, cfg["seed"], clock),
-             lambda: stop.stopping)
+             lambda: stop.stopping, job_bytes)
     beat.maybe(clock, force=True)
     ctx.destroy(linger=1000)
+    job_bytes.close()
     ring.close()
 
 

@@ -57,6 +57,7 @@ import zmq
 
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.daliwindow import crop_windows
+from alexnetd.pipeline.jobbytes import JobBytesReader
 from alexnetd.pipeline.jobloop import job_sockets, run_jobs
 from alexnetd.pipeline.jpeg import DEFAULT_MAX_PIXELS, Decoder, SkipSample
 from alexnetd.pipeline.plan import train_draws
@@ -213,6 +214,9 @@ class DaliAugmenter:
         self.clock = StageClock()
         self.paths = {"dali_decoded": 0, "host_fallback": {}}
         self.device = self.decoder.device
+        # Reads the jobs' bytes from the loader's shared-memory segments; set by
+        # launch.trainer_input, which holds the ring they are named after.
+        self.job_bytes: JobBytesReader | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dali", daemon=True)
         self.error: BaseException | None = None
@@ -242,7 +246,7 @@ class DaliAugmenter:
         beat = Heartbeat(ctx, self.ends.get("beats"), "augmenter", index=0, rank=self.rank, in_trainer=True,
                          paths=self.paths)
         try:
-            run_jobs(jobs, ready, self.clock, beat, self.augment, self._stop.is_set)
+            run_jobs(jobs, ready, self.clock, beat, self.augment, self._stop.is_set, self.job_bytes)
             beat.maybe(self.clock, force=True)  # the last counts, as an augmenter process sends them
         finally:
             for sock in (jobs, ready):

@@ -5,6 +5,10 @@ processes (pipeline/augment.py), the DALI thread in the trainer (see pipeline/de
 the remote augmenters' gateway (pipeline/remote.py, which polls more sockets than the
 jobs and so calls the parts, not the loop). Each accounts for its time the same way:
 starved while it waits for a job, busy while it decodes, blocked while the copier is full.
+
+A job's JPEG bytes may lie in its slot's shared-memory segment rather than in the
+message (pipeline/jobbytes.py): `take_job` is the one place that puts them back, so
+every consumer gets `job.arrays[0]` as the blob, whichever way it came.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable
 import zmq
 
 from alexnetd.pipeline import wire
+from alexnetd.pipeline.jobbytes import FIELD, JobBytesReader
 from alexnetd.pipeline.stage import Heartbeat, StageClock
 
 __all__ = ["job_sockets", "take_job", "send_ready", "run_jobs", "POLL_MS"]
@@ -35,10 +40,17 @@ def job_sockets(ctx: zmq.Context, ends: dict, ready_linger: int = 1000) -> tuple
     return jobs, ready
 
 
-def take_job(jobs: zmq.Socket, clock: StageClock, flags: int = 0) -> wire.Message | None:
-    """One job, or None: none waiting (with NOBLOCK), or a malformed one (counted, dropped)."""
+def take_job(jobs: zmq.Socket, clock: StageClock, flags: int = 0,
+             job_bytes: JobBytesReader | None = None) -> wire.Message | None:
+    """One job, or None: none waiting (with NOBLOCK), or a malformed one (counted, dropped).
+
+    `job_bytes` reads the bytes of a job whose descriptor points into shared memory; a
+    consumer without one (no ring to name the segments) finds such a job malformed."""
     try:
-        return wire.recv(jobs, flags)
+        job = wire.recv(jobs, flags)
+        if job_bytes is None and FIELD in job.header:
+            raise wire.WireError("a job's bytes are in shared memory, and this consumer has no ring")
+        return job if job_bytes is None else job_bytes.resolve(job)
     except zmq.Again:
         return None
     except wire.WireError:
@@ -54,13 +66,14 @@ def send_ready(ready: zmq.Socket, clock: StageClock, out: dict) -> None:
 
 
 def run_jobs(jobs: zmq.Socket, ready: zmq.Socket, clock: StageClock, beat: Heartbeat,
-             augment: Callable[[wire.Message], dict], stopping: Callable[[], bool]) -> None:
+             augment: Callable[[wire.Message], dict], stopping: Callable[[], bool],
+             job_bytes: JobBytesReader | None = None) -> None:
     """Until `stopping()`: take a job, `augment(job)` -> the 'ready' fields, send them, beat."""
     while not stopping():
         with clock.timing("starved"):
             has_job = jobs.poll(POLL_MS)
         if has_job:
-            job = take_job(jobs, clock)
+            job = take_job(jobs, clock, job_bytes=job_bytes)
             if job is not None:
                 with clock.timing("busy"):
                     out = augment(job)

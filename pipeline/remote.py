@@ -24,7 +24,8 @@ Messages (all pipeline/wire.py frames; the ROUTER adds a routing frame in front)
 
     worker  -> gateway  beat    {prefetch, host, worker, workers}   on connect, then every second
     gateway -> worker   beat    {revoked?}                          answers each beat
-    gateway -> worker   job     the loader's job as it came: [jpeg bytes, offsets, labels, indices]
+    gateway -> worker   job     the loader's job: [jpeg bytes, offsets, labels, indices], the
+                                bytes inline even where the loader left them in shared memory
     worker  -> gateway  pixels  {epoch, seq, generation, skipped}: [kept positions int64,
                                 uint8 (n, 256, 256, 3)]
 
@@ -52,6 +53,7 @@ from zmq.utils.monitor import recv_monitor_message
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.augment import decode_batch, ready_fields
 from alexnetd.pipeline.curvekeys import AllowedKeys, server_keypair
+from alexnetd.pipeline.jobbytes import JobBytesReader
 from alexnetd.pipeline.jobloop import job_sockets, send_ready, take_job
 from alexnetd.pipeline.jpeg import REASONS, Decoder
 from alexnetd.pipeline.netaddr import format_addr, parse_addr
@@ -118,6 +120,9 @@ class _Gateway:
         self.host_timeout = float(remote.get("host_timeout") or HOST_TIMEOUT)
         self.seed = cfg["seed"]
         self.ring = Ring(cfg["ring"], cfg["slots"], cfg["batch"])
+        # A job's bytes may be in its slot's segment: read in place, they are sent on to
+        # a host from there (valid until the slot's credit returns, after our 'ready').
+        self.job_bytes = JobBytesReader(cfg["ring"], cfg["slots"])
         self.decoder = Decoder(fast=True)
         ends = cfg["endpoints"]
         self.ctx = zmq.Context()
@@ -167,6 +172,7 @@ class _Gateway:
         self.beat.maybe(self.clock, force=True, remote=self.summary())
         self.auth.stop()  # its thread polls a socket of this context: end it before the context
         self.ctx.destroy(linger=0)
+        self.job_bytes.close()
         self.ring.close()
 
     # -- the loop ------------------------------------------------------------------
@@ -201,7 +207,7 @@ class _Gateway:
                 self.beat.maybe(self.clock, remote=self.summary())
 
     def _take_jobs(self) -> None:
-        job = take_job(self.jobs, self.clock, zmq.NOBLOCK)
+        job = take_job(self.jobs, self.clock, zmq.NOBLOCK, self.job_bytes)
         if job is not None:
             self.pending.append(job)
 
