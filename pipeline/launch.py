@@ -29,6 +29,7 @@ import zmq
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.decoders import default_augmenters, make_decoding
+from alexnetd.pipeline.jobbytes import JobBytesReader, remove_segments
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
@@ -38,19 +39,35 @@ __all__ = ["InputPipeline", "input_stages", "trainer_input"]
 
 
 def input_stages(data: str, endpoints: dict, plan: BatchPlan, slots: int, ring: str, decoding,
-                 generation: int) -> dict:
-    """(stage, index) -> (entry point, config) of every input process of one generation."""
+                 generation: int, job_bytes_limit: int | None = None) -> dict:
+    """(stage, index) -> (entry point, config) of every input process of one generation.
+    `job_bytes_limit` bounds the loader's byte segments (None: jobbytes.MAX_SLOT_BYTES)."""
     common = dict(endpoints=endpoints, batch=plan.batch, seed=plan.seed, slots=slots)
     stages = {("loader", 0): (run_loader, dict(common, data=str(data), val_every=plan.val_every, rank=plan.rank,
-                                               world=plan.world, generation=generation))}
+                                               world=plan.world, generation=generation, ring=ring,
+                                               job_bytes_limit=job_bytes_limit))}
     stages.update(decoding.stages(common, ring, plan.rank))
     return stages
 
 
-def open_ring(name: str, slots: int, batch: int, decoding, create: bool = False) -> Ring:
+class RankRing(Ring):
+    """A rank's ring and the loader's byte segments named after it (pipeline/jobbytes.py):
+    whoever creates or unlinks the ring (the supervisor, InputPipeline) does the same to
+    them."""
+
+    def unlink(self) -> None:
+        super().unlink()
+        remove_segments(self.name)
+
+
+def open_ring(name: str, slots: int, batch: int, decoding, create: bool = False) -> RankRing:
     """A rank's ring: slots of pixels, or slots that are only credits where the decoder
     hands the copier device batches (then nothing is reserved in /dev/shm)."""
-    return Ring(name, slots, batch if decoding.fills_ring else 0, create=create)
+    if create:
+        # A crashed run's byte segments are replaced, like its ring segment: removed here,
+        # made anew by the loader.
+        remove_segments(name)
+    return RankRing(name, slots, batch if decoding.fills_ring else 0, create=create)
 
 
 def trainer_input(endpoints: dict, ring: Ring, plan: BatchPlan, decoding, start, device):
@@ -58,6 +75,10 @@ def trainer_input(endpoints: dict, ring: Ring, plan: BatchPlan, decoding, start,
     from alexnetd.pipeline.copier import Copier  # torch: only in the process that trains
 
     decoder = decoding.in_trainer(endpoints, plan.seed, plan.batch, device, plan.rank)
+    if decoder is not None:
+        # A decoder in the trainer takes the loader's jobs too: it reads their bytes from
+        # the segments of this rank's ring, which only this function knows of.
+        decoder.job_bytes = JobBytesReader(ring.name, ring.slots)
     copier = Copier(endpoints, ring, plan, start, device, decoded=decoder.decoded if decoder else None)
     return decoder, copier
 
@@ -66,8 +87,10 @@ class InputPipeline:
     def __init__(self, data, run_dir, batch: int = 128, augmenters: int | None = None,
                  slots: int | None = None, seed: int = 0, val_every: int = 1, start=(0, 0),
                  device: str = "cpu", rank: int = 0, world: int = 1, beats: bool = True,
-                 max_pixels: int | None = None, decoder: str = "cpu", remote: dict | None = None):
+                 max_pixels: int | None = None, decoder: str = "cpu", remote: dict | None = None,
+                 job_bytes_limit: int | None = None):
         self.data, self.run_dir = str(data), Path(run_dir)
+        self.job_bytes_limit = job_bytes_limit
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dataset = open_dataset(self.data)
         self.decoding = make_decoding(decoder, augmenters or default_augmenters(), remote, max_pixels)
@@ -95,7 +118,7 @@ class InputPipeline:
         if self.decoder:
             self.decoder.start()
         stages = input_stages(self.data, self.endpoints.as_dict(), self.plan, self.slots, self.ring.name,
-                              self.decoding, generation=0)
+                              self.decoding, generation=0, job_bytes_limit=self.job_bytes_limit)
         for key, (target, cfg) in stages.items():
             proc = spawn_context.Process(target=target, args=(cfg,), name=f"alexnetd-{key[0]}-{key[1]}", daemon=True)
             proc.start()
@@ -114,7 +137,7 @@ class InputPipeline:
         if self._beats is not None:
             self._beats.close(linger=0)
         self.ring.close()
-        self.ring.unlink()
+        self.ring.unlink()  # and the loader's byte segments (RankRing)
 
     def wait_beat(self, timeout_ms: int) -> None:
         """Block until a heartbeat arrives or timeout_ms pass."""

@@ -1,9 +1,11 @@
 """Stage 1, the loader: load batch n+3 from disk (step 4 of the paper's pipeline).
 
 One process. For each batch it waits for a free slot (a credit), reads the raw JPEG
-bytes of the batch's samples (one pread each from a prepared shard), and sends them to
-the augmenters as one message: the bytes back to back in one buffer plus offsets,
-labels and sample indices. It never decodes.
+bytes of the batch's samples (one pread each from a prepared shard) back to back into
+the slot's shared-memory segment (pipeline/jobbytes.py), and sends the augmenters one
+small message: the offsets, labels and sample indices, and where the bytes are. A batch
+too big for its segment, or one /dev/shm has no room for, carries its bytes in the
+message instead. It never decodes.
 
 Where to start comes from the copier (the trainer side), which knows what has been
 trained: a loader says hello with its generation number and the copier answers with the
@@ -21,6 +23,7 @@ import zmq
 
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.dataset import open_dataset
+from alexnetd.pipeline.jobbytes import MAX_SLOT_BYTES, JobBytesWriter
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.stage import Heartbeat, StageClock, StopFlag
 
@@ -34,7 +37,8 @@ HELLO_EVERY = 1.0
 
 def run_loader(cfg: dict) -> None:
     """Process entry point. `cfg` keys: data, endpoints, batch, seed, val_every, rank,
-    world, generation, slots."""
+    world, generation, slots, ring, job_bytes_limit (optional: the byte segments' bound,
+    jobbytes.MAX_SLOT_BYTES by default; 0 sends every batch's bytes in its message)."""
     stop = StopFlag()
     dataset = open_dataset(cfg["data"])
     splits = {name: dataset.split(name) for name in dataset.splits}
@@ -42,6 +46,8 @@ def run_loader(cfg: dict) -> None:
                                  cfg.get("world", 1))
     generation = cfg["generation"]
     ends = cfg["endpoints"]
+    limit = cfg.get("job_bytes_limit")
+    shared = JobBytesWriter(cfg["ring"], MAX_SLOT_BYTES if limit is None else limit)
 
     ctx = zmq.Context()
     jobs = ctx.socket(zmq.PUSH)
@@ -86,32 +92,39 @@ def run_loader(cfg: dict) -> None:
             epoch, seq = position
             split, indices = plan.samples(epoch, seq)
             with clock.timing("busy"):
-                blob, offsets = _read(splits[split], indices)
+                chunks, offsets = _read(splits[split], indices)
                 labels = splits[split].labels[indices]
+                # Slot k's segment is written only while this loader holds slot k's credit,
+                # and the copier gives a credit back only once that slot's batch was
+                # consumed (a new generation starts from the copier's sync, its
+                # predecessors gone): no one still reads the bytes overwritten here.
+                arrays, descriptor = shared.job(slot, chunks, offsets, labels, indices)
             with clock.timing("blocked"):
                 # Wait for an augmenter to take it, still watching the stop flag: augmenters
                 # whose supervisor died exit, and a send blocked on them would never return.
                 while not jobs.poll(POLL_MS, zmq.POLLOUT) and not stop.stopping:
-                    beat.maybe(clock, free_slots=len(free))
+                    beat.maybe(clock, free_slots=len(free), inline_jobs=shared.inline)
                 if stop.stopping:
                     break
-                wire.send(jobs, "job", [blob, offsets, labels, indices], epoch=epoch, seq=seq, slot=slot,
-                          split=split, generation=generation)
+                wire.send(jobs, "job", arrays, epoch=epoch, seq=seq, slot=slot, split=split,
+                          generation=generation, **descriptor)
             clock.images += len(indices)
             clock.batches += 1
             position = plan.next_position(epoch, seq)
-        beat.maybe(clock, free_slots=len(free) if free else 0)
-    beat.maybe(clock, force=True)
+        beat.maybe(clock, free_slots=len(free) if free else 0, inline_jobs=shared.inline)
+    beat.maybe(clock, force=True, inline_jobs=shared.inline)
     ctx.destroy(linger=0)
+    shared.close()
 
 
-def _read(split, indices) -> tuple[np.ndarray, np.ndarray]:
-    """The samples' bytes back to back, and where each starts (n+1 offsets). A file that
-    cannot be read is sent empty: the augmenter skips and counts it like any bad image."""
+def _read(split, indices) -> tuple[list[bytes], np.ndarray]:
+    """The samples' bytes, and where each starts once they are back to back (n+1 offsets).
+    A file that cannot be read is sent empty: the augmenter skips and counts it like any
+    bad image."""
     chunks = [_read_one(split, int(i)) for i in indices]
     offsets = np.zeros(len(chunks) + 1, np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    return np.frombuffer(b"".join(chunks), np.uint8), offsets
+    return chunks, offsets
 
 
 def _read_one(split, index: int) -> bytes:
