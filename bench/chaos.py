@@ -661,11 +661,13 @@ def _rss_fds(pid: int | None):
 
 
 def _leftovers(run: Path) -> list[str]:
-    """This run's ring segment (other runs on the machine have their own) and socket files."""
+    """This run's ring segment and the loader's byte segments named after it (other runs on
+    the machine have their own), and socket files."""
     from alexnetd.pipeline.ring import SHM_DIR, ring_name
 
     wait_for(lambda: holder(run) is None, what="the daemon to exit")
-    shm = [f"/dev/shm/{n}" for n in os.listdir(SHM_DIR) if n == ring_name(run)]
+    ring = ring_name(run)
+    shm = [f"/dev/shm/{n}" for n in os.listdir(SHM_DIR) if n == ring or n.startswith(ring + "-")]
     socks = [str(p.relative_to(run)) for p in run.rglob("*.sock")]
     return shm + socks
 
