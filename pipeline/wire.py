@@ -21,6 +21,9 @@ jobs      ipc://.../jobs.sock. The loader's PUSH binds; each augmenter's PULL co
   job       loader -> augmenter      {epoch, seq, slot, split, generation}
                                      [jpeg bytes uint8 (back to back), offsets int64 (n+1),
                                       labels int64 (n), sample indices int64 (n)]
+            or, the usual form,      {..., shared_bytes: length}: the same without the
+                                     bytes frame, which lies in slot k's shared-memory
+                                     segment (pipeline/jobbytes.py; take_job restores it)
 
 ready     ipc://.../ready.sock. The copier thread's PULL binds; the augmenters', the
           gateway's, the DALI thread's and the loader's PUSH connect.
@@ -67,7 +70,8 @@ remote    tcp://HOST:PORT+r (--remote-augmenters HOST:PORT, r the rank's place o
   beat      worker -> gateway        {prefetch, host, worker, workers}: on connect, then
                                      every second
   beat      gateway -> worker        {} answering each beat, or {revoked: true}
-  job       gateway -> worker        the loader's job, header fields and arrays as they came
+  job       gateway -> worker        the loader's job, header fields and arrays, its bytes
+                                     always in the message (the worker has no shared memory)
   pixels    worker -> gateway        {epoch, seq, generation, skipped: [[sample index,
                                       reason], ...]}
                                      [kept positions int64 (k), pixels uint8
