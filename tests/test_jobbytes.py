@@ -1,7 +1,6 @@
 """The loader's JPEG bytes through shared memory (pipeline/jobbytes.py), with real
 processes, real sockets, real /dev/shm segments and real JPEGs."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,24 +22,13 @@ from alexnetd.pipeline.launch import InputPipeline, open_ring
 from alexnetd.pipeline.ring import SHM_DIR, ring_name
 from alexnetd.pipeline.stage import Endpoints, spawn_context, stop_processes
 from daemon_helpers import wait_for
+from pipeline_helpers import collect
 
 BATCH = 8
 
 
 def segments(ring: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(f"{ring}-bytes-"))
-
-
-def collect(pipe, count):
-    """(epoch, seq, split, labels, sha1 of the pixels) of the next `count` batches."""
-    out = []
-    for _ in range(count):
-        batch = pipe.copier.next_batch(timeout_ms=60_000)
-        assert batch is not None, "the pipeline stalled"
-        digest = hashlib.sha1(np.ascontiguousarray(batch.images.numpy()).tobytes()).hexdigest()
-        out.append((batch.epoch, batch.seq, batch.split, tuple(batch.labels.tolist()), digest))
-        pipe.copier.release(batch)
-    return out
 
 
 def loader_beat(pipe, predicate):

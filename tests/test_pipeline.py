@@ -1,6 +1,5 @@
 """The four-stage input pipeline with real processes, real sockets and real JPEGs."""
 
-import hashlib
 
 import numpy as np
 import pytest
@@ -14,20 +13,9 @@ from alexnetd.pipeline.launch import InputPipeline
 from alexnetd.pipeline.plan import BatchPlan, train_draws
 from alexnetd.pipeline.stage import STAGES
 from daemon_helpers import wait_for
+from pipeline_helpers import collect
 
 BATCH = 8
-
-
-def collect(pipe, count):
-    """(epoch, seq, split, labels, sha1 of the pixels) of the next `count` batches."""
-    out = []
-    for _ in range(count):
-        batch = pipe.copier.next_batch(timeout_ms=60_000)
-        assert batch is not None, "the pipeline stalled"
-        digest = hashlib.sha1(np.ascontiguousarray(batch.images.numpy()).tobytes()).hexdigest()
-        out.append((batch.epoch, batch.seq, batch.split, tuple(batch.labels.tolist()), digest))
-        pipe.copier.release(batch)
-    return out
 
 
 def test_batches_are_identical_with_one_or_three_augmenters(prepared_data, tmp_path):
