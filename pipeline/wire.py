@@ -45,7 +45,8 @@ beats     ipc://RUN_DIR/beats.sock. The supervisor's PULL binds (InputPipeline's
           without blocking (a beat that would block is dropped).
   beat      stage -> supervisor      {stage, index, rank, pid, t, counters: {busy, starved,
                                       blocked, images, batches, malformed, skipped}}, plus:
-                                     loader: generation, free_slots; gateway: remote (its
+                                     loader: generation, free_slots, inline_jobs (batches
+                                     whose bytes missed shared memory); gateway: remote (its
                                      summary: endpoint, hosts, images, refused, reissued,
                                      local_batches); DALI thread: in_trainer (it beats as
                                      the augmenter stage); copier: nothing more; trainer:

@@ -51,6 +51,14 @@ def _what(pending) -> str:
     return "input side" + (f" of rank {pending.locals[0]}" if len(pending.locals) == 1 and pending.locals[0] else "")
 
 
+def _inline_jobs(sv) -> int:
+    """Batches whose JPEG bytes the loaders sent in the job message, not through their
+    slot's shared memory (pipeline/jobbytes.py: over the bound, or /dev/shm full): not
+    zero says shared memory is short. Counted by the running loaders, every rank's."""
+    return sum(sv.ledger.latest(sv.layout.name("loader", rank.local)).get("inline_jobs", 0)
+               for rank in sv.layout.ranks)
+
+
 def _ranks(sv) -> list[dict]:
     """Each rank's own view: its stages' rates and shares, its ring and reorder buffer."""
     out = []
@@ -126,7 +134,7 @@ def status_view(sv) -> dict:
         "stages": stages,
         "bottleneck": bottleneck,
         "queues": {"ring_slots": sv.layout.slots, "ring_slots_in_use": trainer.get("slots_in_use", 0),
-                   "reorder_buffer": trainer.get("reorder", 0)},
+                   "reorder_buffer": trainer.get("reorder", 0), "inline_jobs": _inline_jobs(sv)},
         "loss": trainer.get("loss"),
         "learning_rate": trainer.get("lr"),
         "validation": trainer.get("val"),
@@ -172,6 +180,7 @@ def metrics_view(sv) -> dict:
     return {
         "stages": stages, "ranks": ranks, "ring_slots": sv.layout.slots,
         "ring_slots_in_use": status["queues"]["ring_slots_in_use"], "reorder": status["queues"]["reorder_buffer"],
+        "inline_jobs": status["queues"]["inline_jobs"],
         "train_images": totals["trainer"]["images"], "steps": trainer.get("step", 0),
         "epoch": trainer.get("epoch", 0), "loss": trainer.get("loss"), "lr": trainer.get("lr"),
         "val": trainer.get("val"), "skipped": status["skipped"], "checkpoint": trainer.get("checkpoint"),

@@ -29,6 +29,7 @@ EXPORTED_METRICS = (
     "alexnetd_ring_slots",
     "alexnetd_ring_slots_in_use",
     "alexnetd_reorder_buffer_batches",
+    "alexnetd_loader_inline_jobs_total",
     "alexnetd_train_images_total",
     "alexnetd_train_steps_total",
     "alexnetd_train_epoch",
@@ -58,7 +59,7 @@ class DaemonCollector(Collector):
     {"stages": {stage: {"images", "busy", "starved", "blocked", "processes", "restarts"}},
      "ranks": [{"stages": {stage: {"images", "busy", "starved", "blocked", "processes"}},
                 "ring_slots_in_use", "reorder"}, ...] (one per data-parallel rank, in rank order),
-     "ring_slots", "ring_slots_in_use", "reorder", "train_images", "steps", "epoch", "loss", "lr",
+     "ring_slots", "ring_slots_in_use", "reorder", "inline_jobs", "train_images", "steps", "epoch", "loss", "lr",
      "val": {...} | None, "skipped": {reason: n}, "checkpoint": {...} | None,
      "memory": {device: bytes}, "state": str, "device": "cpu" | "cuda", "checkpoint_failures": int,
      "remote": {"hosts": [{"host", "workers", ...}], "images": {host: n}, "refused", "reissued"} | None,
@@ -100,6 +101,10 @@ class DaemonCollector(Collector):
             reorder.add_metric([str(rank)], float(view["reorder"]))
         yield in_use
         yield reorder
+        yield CounterMetricFamily("alexnetd_loader_inline_jobs",
+                                  "Batches whose JPEG bytes rode the job message instead of the slot's shared "
+                                  "memory (over the bound, or /dev/shm full); grows only when shared memory is short.",
+                                  value=float(s.get("inline_jobs", 0)))
         yield CounterMetricFamily("alexnetd_train_images", "Images trained on.", value=s["train_images"])
         yield CounterMetricFamily("alexnetd_train_steps", "SGD steps taken.", value=s["steps"])
         yield _gauge("alexnetd_train_epoch", "Current epoch (0-based).", s["epoch"])

@@ -64,8 +64,10 @@ def render_status(s: dict) -> str:
                          f"{r['reorder_buffer']:>7}{mark}")
     q = s["queues"]
     lines.append("")
+    inline = q.get("inline_jobs") or 0
     lines.append(f"  queues      ring {q['ring_slots_in_use']}/{q['ring_slots']} slots in use, "
-                 f"{q['reorder_buffer']} batches waiting in order")
+                 f"{q['reorder_buffer']} batches waiting in order"
+                 + (f", {inline} batches' bytes sent in the job message (shared memory short)" if inline else ""))
     skipped = s.get("skipped") or {}
     lines.append("  skipped     " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"))
     for row in s.get("skipped_recent") or []:  # the last few bad files, each named once

@@ -65,6 +65,13 @@ def test_smoke_start_status_metrics_kill_stop_resume(prepared_data, tmp_path):
             assert sample(text, "alexnetd_stage_images_total", stage=stage) > 0
             assert sample(text, "alexnetd_stage_busy_seconds_total", stage=stage) >= 0
         assert sample(text, "alexnetd_train_steps_total") >= 2
+        # Every batch's bytes went through shared memory: none rode the job message.
+        assert first["queues"]["inline_jobs"] == 0 and sample(text, "alexnetd_loader_inline_jobs_total") == 0
+        from alexnetd.service.statusview import render_status
+
+        assert "job message" not in render_status(first)  # said only when it happens:
+        short = dict(first, queues=dict(first["queues"], inline_jobs=3))
+        assert "3 batches' bytes sent in the job message (shared memory short)" in render_status(short)
         from alexnetd import __version__
         assert sample(text, "alexnetd_info", device=chosen, version=__version__) == 1  # labels sorted
         assert sample(text, "alexnetd_state", state="training") + sample(text, "alexnetd_state", state="validating") == 1
