@@ -206,7 +206,7 @@ class DaliAugmenter:
     decoded by DALI and, by reason, by the host fallback."""
 
     def __init__(self, endpoints: dict, seed: int, batch: int, device, rank: int = 0,
-                 max_pixels: int | None = None, threads: int = 2):
+                 max_pixels: int | None = None, threads: int = 2, job_bytes: JobBytesReader | None = None):
         self.ends, self.seed, self.rank = endpoints, seed, rank
         self.decoded: dict = {}
         self.decoder = DaliDecoder(batch, device, threads)
@@ -214,9 +214,8 @@ class DaliAugmenter:
         self.clock = StageClock()
         self.paths = {"dali_decoded": 0, "host_fallback": {}}
         self.device = self.decoder.device
-        # Reads the jobs' bytes from the loader's shared-memory segments; set by
-        # launch.trainer_input, which holds the ring they are named after.
-        self.job_bytes: JobBytesReader | None = None
+        # Reads the jobs' bytes from the loader's shared-memory segments (named after the ring).
+        self.job_bytes = job_bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dali", daemon=True)
         self.error: BaseException | None = None

@@ -111,7 +111,7 @@ class CpuDecoding:
                                                                      rank=rank, remote=self.remote))
         return out
 
-    def in_trainer(self, endpoints: dict, seed: int, batch: int, device, rank: int):
+    def in_trainer(self, endpoints: dict, seed: int, batch: int, device, rank: int, ring):
         return None  # the augmenter processes write the ring; the copier reads it
 
     def host_of(self, stage: str) -> str:
@@ -175,10 +175,13 @@ class DaliDecoding:
     def stages(self, common: dict, ring: str, rank: int) -> dict:
         return {}
 
-    def in_trainer(self, endpoints: dict, seed: int, batch: int, device, rank: int):
+    def in_trainer(self, endpoints: dict, seed: int, batch: int, device, rank: int, ring):
         from alexnetd.pipeline.dali import DaliAugmenter  # torch and DALI: only in the trainer process
+        from alexnetd.pipeline.jobbytes import JobBytesReader
 
-        return DaliAugmenter(endpoints, seed, batch, device, rank, self.max_pixels, self.threads)
+        # It takes the loader's jobs too: their bytes lie in the segments of this rank's ring.
+        return DaliAugmenter(endpoints, seed, batch, device, rank, self.max_pixels, self.threads,
+                             job_bytes=JobBytesReader(ring.name, ring.slots))
 
     def host_of(self, stage: str) -> str:
         # The decoding thread reports as the augmenter stage, from the trainer process.

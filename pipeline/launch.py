@@ -29,7 +29,7 @@ import zmq
 from alexnetd.pipeline import wire
 from alexnetd.pipeline.dataset import open_dataset
 from alexnetd.pipeline.decoders import default_augmenters, make_decoding
-from alexnetd.pipeline.jobbytes import JobBytesReader, remove_segments
+from alexnetd.pipeline.jobbytes import remove_segments
 from alexnetd.pipeline.loader import run_loader
 from alexnetd.pipeline.plan import BatchPlan
 from alexnetd.pipeline.ring import Ring, ring_name
@@ -74,11 +74,7 @@ def trainer_input(endpoints: dict, ring: Ring, plan: BatchPlan, decoding, start,
     """(the decoder's in-trainer part or None, the copier), neither started."""
     from alexnetd.pipeline.copier import Copier  # torch: only in the process that trains
 
-    decoder = decoding.in_trainer(endpoints, plan.seed, plan.batch, device, plan.rank)
-    if decoder is not None:
-        # A decoder in the trainer takes the loader's jobs too: it reads their bytes from
-        # the segments of this rank's ring, which only this function knows of.
-        decoder.job_bytes = JobBytesReader(ring.name, ring.slots)
+    decoder = decoding.in_trainer(endpoints, plan.seed, plan.batch, device, plan.rank, ring)
     copier = Copier(endpoints, ring, plan, start, device, decoded=decoder.decoded if decoder else None)
     return decoder, copier
 
