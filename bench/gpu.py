@@ -76,7 +76,7 @@ class Context:
         self.cores = len(os.sched_getaffinity(0))
         if args.dry_run:  # tiny: every code path, seconds each
             self.batch, self.warmup, self.steps, self.seconds = 2, 1, 2, 0.0
-            self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 4.0, 180, 180
+            self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 1.0, 180, 180
         else:
             self.batch, self.warmup, self.steps, self.seconds = args.batch_size, 10, 30, 5.0
             self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 20.0, 120, 90
