@@ -20,9 +20,9 @@ labels, crops and everything after the decode are those of the CPU path.
 On a machine without CUDA the same pipelines run on DALI's CPU backend, which is how the
 tests exercise them; there the decode uses libjpeg-turbo's accurate IDCT and fancy
 upsampling, so its pixels equal `Decoder(fast=False)`'s bit for bit (tested), and a
-full-size image's crop is within one level of the host's accurate decode + Pillow resize
-+ crop wherever the filter's support lies inside the image (tests/test_dali.py derives
-the bound, and the one at the image's edges). The CPU augmenters differ more: their fast
+full-size image's crop is within one level of the host's accurate decode + resize + crop
+wherever the filter's support lies inside the central square (tests/test_dali.py derives
+the bound, and the one at the square's edges). The CPU augmenters differ more: their fast
 IDCT and fast upsampling (bounded there for prepared images) and, for a full-size image,
 their DCT-scaled decode (a large image decoded at 1/2, 1/4 ... of its size, then
 resized), a different low-pass than resizing the full decode. EXIF orientation is
@@ -137,7 +137,7 @@ class DaliDecoder:
             mirror = fn.external_source(name="mirror", dtype=types.INT32)
             # Integer anchor and shape: absolute pixels of the stored image, "WH" order.
             images = fn.decoders.image_slice(jpegs, anchor, shape, **decode)
-            # The host path's filter: Pillow's BILINEAR is a triangle widened to the scale
+            # The host path's filter (resample.py): a triangle widened to the scale
             # when shrinking (antialias) and plain bilinear when enlarging.
             images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end,
                                interp_type=types.INTERP_LINEAR, antialias=True)

@@ -1,12 +1,12 @@
 """Where a full-size image's crop lies in its own pixels, for `--decoder dali`.
 
-The host path (pipeline/jpeg.py, `center_square`) makes the paper's 256×256 frame of a
-W×H image: shorter side S to 256, the central square, resized by Pillow with the box
-(L0, T0, L0 + S, T0 + S), L0 = (W - S) // 2, T0 = (H - S) // 2. Pillow samples output
-column j of the frame at the source point L0 + (j + 1/2)·S/256 (coordinates of pixel
-edges: pixel i covers [i, i + 1]), with a triangle filter of radius max(S/256, 1) whose
-weights it normalises, taking its taps from the whole image, not only the box. So the
-frame's columns left .. left + side - 1 are exactly the resampling of the source interval
+The host path (pipeline/resample.py, `center_square`) makes the paper's 256×256 frame
+of a W×H image: shorter side S to 256, the central S×S square Q = [L0, L0 + S] ×
+[T0, T0 + S], L0 = (W - S) // 2, T0 = (H - S) // 2, resized on its own. It samples
+output column j of the frame at the source point L0 + (j + 1/2)·S/256 (coordinates of
+pixel edges: pixel i covers [i, i + 1]), with a triangle filter of radius max(S/256, 1)
+whose weights it normalises over the taps inside Q. So the frame's columns left ..
+left + side - 1 are exactly the resampling of the source interval
 
     [L0 + left·S/256,  L0 + (left + side)·S/256]
 
@@ -15,8 +15,8 @@ to DALI's `fn.resize` (which samples at the same points with the same normalised
 triangle: `antialias=True` when shrinking, bilinear when enlarging). Only a window
 around it is decoded (`fn.decoders.image_slice`): the interval widened on each side by
 the filter's reach, so that every tap an output pixel uses is a decoded pixel and the
-window's own border never enters the result; the window stops only at the image's edges,
-where the host path stops too.
+window's own border never enters the result, except where the window stops at Q's
+edges, where the host path stops too.
 
 Training: side 224 at the seeded (top, left) of the 256 frame (plan.train_draws).
 Validation: side 256 at (0, 0), the whole frame.
@@ -53,19 +53,21 @@ def crop_windows(widths, heights, tops, lefts, side: int) -> Windows:
     (top, left) of each one's 256 frame."""
     widths, heights = np.asarray(widths, np.int64), np.asarray(heights, np.int64)
     shorter = np.minimum(widths, heights)
-    scale = shorter / IMAGE  # float64: the same scale Pillow computes
-    x0 = (widths - shorter) // 2 + np.asarray(lefts, np.float64) * scale
-    y0 = (heights - shorter) // 2 + np.asarray(tops, np.float64) * scale
+    scale = shorter / IMAGE  # float64, as the host's resampler computes it
+    qx, qy = (widths - shorter) // 2, (heights - shorter) // 2  # the central square's corner
+    x0 = qx + np.asarray(lefts, np.float64) * scale
+    y0 = qy + np.asarray(tops, np.float64) * scale
     x1, y1 = x0 + side * scale, y0 + side * scale
     # A tap counts while its centre is within the radius of a sample point, and the
     # first sample point is half a step inside the ROI: the taps reach at most
     # radius + 1/2 pixel past it. ceil(radius) + 1 covers that and the float32 rounding
     # of DALI's own coordinates.
     margin = np.ceil(filter_radius(shorter)).astype(np.int64) + 1
-    wx0 = np.maximum(np.floor(x0).astype(np.int64) - margin, 0)
-    wy0 = np.maximum(np.floor(y0).astype(np.int64) - margin, 0)
-    wx1 = np.minimum(np.ceil(x1).astype(np.int64) + margin, widths)
-    wy1 = np.minimum(np.ceil(y1).astype(np.int64) + margin, heights)
+    # The window stays inside the central square: the host resizes the square alone.
+    wx0 = np.maximum(np.floor(x0).astype(np.int64) - margin, qx)
+    wy0 = np.maximum(np.floor(y0).astype(np.int64) - margin, qy)
+    wx1 = np.minimum(np.ceil(x1).astype(np.int64) + margin, qx + shorter)
+    wy1 = np.minimum(np.ceil(y1).astype(np.int64) + margin, qy + shorter)
     return Windows(
         anchor=np.stack([wx0, wy0], 1).astype(np.int32),
         shape=np.stack([wx1 - wx0, wy1 - wy0], 1).astype(np.int32),

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_FASTUPSAMPLE, TJPF_RGB, TurboJPEG
 
+from alexnetd.pipeline.resample import center_square, center_square_into
 from alexnetd.pipeline.turbo import Decompressor, TurboError
 
 __all__ = ["Decoder", "SkipSample", "REASONS", "DEFAULT_MAX_PIXELS", "TURBOJPEG_LIB_ENV", "open_turbojpeg"]
@@ -103,8 +104,7 @@ class Decoder:
         An image whose (DCT-scaled) size is already size×size, i.e. every image of a
         prepared dataset, is decoded by libjpeg-turbo straight into `out`: no array is
         allocated and no byte is copied. Any other image is DCT-scaled while decoding
-        into a reused scratch buffer, then resized once into `out` (see _resize_into
-        for the copies that remain on that path)."""
+        into a reused scratch buffer, then resized once into `out` (resample.py)."""
         size = out.shape[0]
         if len(data) >= 2 and bytes(data[:2]) == _JPEG_MAGIC:
             array = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
@@ -121,9 +121,9 @@ class Decoder:
                 if self._scratch.size < area:
                     self._scratch = np.empty(area, np.uint8)
                 image = self._decode(data, size, self._scratch[:area].reshape(*scaled, 3), scale)
-                _resize_into(image, out)
+                center_square_into(image, out)
                 return
-        _resize_into(self._decode(data, size, None), out)  # empty, non-JPEG or CMYK: fails or Pillow
+        center_square_into(self._decode(data, size, None), out)  # empty, non-JPEG or CMYK: fails or Pillow
 
     # -- helpers -------------------------------------------------------------------
 
@@ -226,28 +226,3 @@ def _damage_raises() -> None:
     if not filters or filters[0] is not _FILTER:
         warnings.filterwarnings("error", category=UserWarning, module="turbojpeg")
         _FILTER = warnings.filters[0]
-
-
-def center_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Rescale the shorter side to `size` and cut the central size×size patch."""
-    height, width = image.shape[:2]
-    if height == size and width == size:
-        return image
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    # Resize only the central square: the same result as resize-then-crop, less work.
-    box = (left, top, left + side, top + side)
-    resized = Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-    return np.asarray(resized)
-
-
-def _resize_into(image: np.ndarray, out: np.ndarray) -> None:
-    """center_square(image) written into `out`. An image already of out's shape is one
-    copy. Otherwise Pillow resizes: its own 4-byte pixels in (1 pass), the resize (1),
-    out of Pillow (1) and into the slot (1), four passes over the pixels after the
-    decode; Pillow cannot write into a caller's buffer, and it is still the best-kept
-    resampler we have (full-size input only: prepared shards never come here)."""
-    if image.shape == out.shape:
-        np.copyto(out, image)
-    else:
-        np.copyto(out, center_square(image, out.shape[0]))

@@ -63,30 +63,32 @@ INTERIOR_BOUND = 1  # levels; derived in test_full_size_crops_are_within_the_der
 
 def allowed_difference(full: np.ndarray, top: int, left: int, side: int, flipped: bool) -> np.ndarray:
     """Per output pixel of a crop, |DALI - host| allowed (see the derivation below):
-    INTERIOR_BOUND where the filter's support lies inside the image; where it crosses
-    the image's edge, the range (max - min, per channel) of the source pixels under it."""
+    INTERIOR_BOUND where the filter's support lies inside the central square (the host
+    resizes the square alone, resample.py); where it crosses the square's edge, the range
+    (max - min, per channel) of the source pixels under it."""
     height, width = full.shape[:2]
     shorter = min(height, width)
     scale, radius = shorter / 256, max(shorter / 256, 1.0)
     steps = np.arange(side) + 0.5
-    cx = (width - shorter) // 2 + (left + steps) * scale   # sample points, in pixel-edge coordinates
-    cy = (height - shorter) // 2 + (top + steps) * scale
-    edge_x = (cx - radius < 0) | (cx + radius > width)
-    edge_y = (cy - radius < 0) | (cy + radius > height)
+    qx, qy = (width - shorter) // 2, (height - shorter) // 2  # the central square's corner
+    cx = qx + (left + steps) * scale   # sample points, in pixel-edge coordinates
+    cy = qy + (top + steps) * scale
+    edge_x = (cx - radius < qx) | (cx + radius > qx + shorter)
+    edge_y = (cy - radius < qy) | (cy + radius > qy + shorter)
     bound = np.full((side, side, 3), INTERIOR_BOUND, np.int16)
 
-    def taps(c, n):  # the pixels whose centre is within the radius of sample point c
-        return slice(max(math.ceil(c - radius - 0.5), 0), min(math.floor(c + radius - 0.5), n - 1) + 1)
+    def taps(c, q):  # the square's pixels whose centre is within the radius of sample point c
+        return slice(max(math.ceil(c - radius - 0.5), q), min(math.floor(c + radius - 0.5), q + shorter - 1) + 1)
 
     for y, x in zip(*np.nonzero(edge_y[:, None] | edge_x[None, :])):
-        under = full[taps(cy[y], height), taps(cx[x], width)].astype(np.int16)
+        under = full[taps(cy[y], qy), taps(cx[x], qx)].astype(np.int16)
         bound[y, x] = np.maximum(under.max((0, 1)) - under.min((0, 1)), INTERIOR_BOUND)
     return bound[:, ::-1] if flipped else bound
 
 
 def host_crop(full: np.ndarray, top: int, left: int, side: int, flipped: bool) -> np.ndarray:
     """The host path on an accurate full decode: shorter side to 256 and the central
-    square with Pillow BILINEAR (jpeg.center_square), then the crop and the mirror."""
+    square with the bilinear resampler (resample.center_square), then the crop and the mirror."""
     return crop(center_square(full, 256), top, left, flipped, side)
 
 
@@ -210,7 +212,7 @@ def test_dali_window_decode_is_libjpeg_turbo_accurate_decode(raw_data):
 
 def test_full_size_crops_are_within_the_derived_bound_of_the_host_path(raw_data):
     """A full-size JPEG's crop from DALI (window decode, fn.resize, flip) against the
-    host path on the same pixels (accurate decode, Pillow BILINEAR of the central square
+    host path on the same pixels (accurate decode, the bilinear resize of the central square
     to 256, the 224 crop, the mirror), held per pixel to a bound derived, not measured.
 
     The decoded pixels are the same (the test above), so only the resampling differs.
@@ -220,25 +222,31 @@ def test_full_size_crops_are_within_the_derived_bound_of_the_host_path(raw_data)
     1), normalised to sum 1 (DALI's triangle is a 3-point table interpolated linearly:
     the same function). The window holds every tap of every output pixel.
 
-    Interior pixels (the support inside the image): both compute the same exact value E
-    and differ in rounding only.
-    - Pillow rounds twice: its horizontal pass to uint8 (<= 1/2 level); the vertical
-      pass's weights are non-negative and sum to 1, so that error comes through at most
-      unchanged, and the result is rounded again (<= 1/2): |P - E| <= 1, plus its 22-bit
-      fixed-point weights, < 70 taps · 255 · 2^-23 < 0.003 a pass (r <= 32 within the
-      pixel budget).
+    Interior pixels (the support inside the central square): both compute the same exact
+    value E and differ in rounding only.
+    - The host (resample.py: torch's uint8 kernel, or Pillow without AVX2) rounds twice:
+      its horizontal pass to uint8 (<= 1/2 level); the vertical pass's weights are
+      non-negative and sum to 1, so that error comes through at most unchanged, and the
+      result is rounded again (<= 1/2). Its weights are fixed-point: torch's int16 at a
+      precision p with w_max·2^(p+1) >= 2^15 - 1/2, so each weight is off by at most
+      2^-(p+1) <= w_max / 32767.5, and a pass by at most 255 · taps · w_max / 32767.5
+      <= 0.024 level, since taps · w_max <= 3 for every shrink from 257 to 8192 pixels
+      and every enlargement (the normalised triangle's largest weight against its tap
+      count, computed for each size); Pillow's 22-bit weights err less. So |H - E| <=
+      1 + 2 · 0.024 < 1.05.
     - DALI keeps its intermediate in float32 and rounds once: |D - E| <= 1/2, plus float32
       arithmetic. Its sample points are computed in window coordinates (< 2^11 pixels
       here) with <= 3 operations of <= 2^-13 pixel each: < 3.7e-4 pixel. A shift of the
       sample point moves a normalised triangle mean by at most 255 · (2/r + 1/r^2) <= 765
       levels per pixel: < 0.29 level. The weighted sums in float32 add < 0.01.
-    So |D - P| <= 1.5 + 0.3 < 2, and since both are integers, |D - P| <= 1.
+    So |D - H| <= 1.05 + 0.8 < 2, and since both are integers, |D - H| <= 1.
 
-    Border pixels (the support crosses the image's edge: the first or last row or column
-    of a crop at offset 0 or 32 on the shorter axis): Pillow drops the taps outside the
-    image and renormalises, DALI repeats the edge pixel. Either way the result is a
-    weighted mean of source pixels under the support, rounded: both lie within [min,
-    max] of those pixels, so |D - P| <= max - min there (allowed_difference).
+    Border pixels (the support crosses the central square's edge: the first or last row
+    or column of a crop at offset 0 or 32, on either axis): the host drops the taps
+    outside the square and renormalises, DALI's window stops at the square's edge and
+    repeats its last pixel. Either way the result is a weighted mean of source pixels
+    under the support, rounded: both lie within [min, max] of those pixels, so
+    |D - H| <= max - min there (allowed_difference).
 
     On the device the resize is the same (the same filter tables, float intermediates);
     the decode is nvJPEG's, whose IDCT and chroma upsampling are its own, so there
