@@ -88,13 +88,17 @@ class JpegCodec:
         self.decoder = Decoder()
         self._turbo = self.decoder.turbo
         self._pf, self._subsample = TJPF_RGB, TJSAMP_420
+        self._readback = np.empty(0, np.uint8)  # the stored JPEG decoded again, reused image after image
 
     def encode(self, image: np.ndarray, stats: PixelStats | None = None) -> bytes:
         data = self._turbo.encode(
             np.ascontiguousarray(image), quality=self.quality, pixel_format=self._pf, jpeg_subsample=self._subsample
         )
         if stats is not None:
-            stats.add_image(self.decoder.decode_rgb(data))
+            if self._readback.shape != image.shape:
+                self._readback = np.empty(image.shape, np.uint8)
+            self.decoder.decode_into(data, self._readback)  # S×S: libjpeg-turbo straight into the buffer
+            stats.add_image(self._readback)
         return data
 
 
