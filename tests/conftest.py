@@ -21,8 +21,9 @@ from daemon_helpers import EXACT_CONFIG, cli, exact_args, free_port, wait_exit
 # they can, these are here for the ones that assert them.
 PREPARED = dict(classes=4, train_per_class=16, val_per_class=4, shards=2, seed=0)
 RAW = dict(classes=3, train_per_class=6, val_per_class=2, corrupt=len(CORRUPT_KINDS), seed=0)
-# A set the recipe can learn in a few epochs on the CPU (tests/test_learning.py).
-LEARNABLE = dict(classes=4, train_per_class=64, val_per_class=16, shards=2, seed=1)
+# A set the recipe can learn in a few epochs on the CPU (tests/test_learning.py): 128
+# training images, 8 steps of 16 an epoch.
+LEARNABLE = dict(classes=4, train_per_class=32, val_per_class=16, shards=2, seed=1)
 LEARN_EPOCHS = 8
 
 
@@ -63,18 +64,24 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> TrainedRun:
     """The daemon's whole recipe run to its end on LEARNABLE: LEARN_EPOCHS epochs of
-    batches of 32, validating and checkpointing at every epoch's end. The longest run of
+    batches of 16, validating and checkpointing at every epoch's end. The longest run of
     the suite, so it is made once and read by every test that needs a finished run.
 
     At this scale the paper's biases of 1 give a flat loss (as Caffe's AlexNet found: the
     loss blows up in the first steps, then sits at chance), so the run uses --bias-init
     caffe (0.1); the paper's values stay the default. The paper's lr of 0.01 was for
-    batches of 128; at batch 32 it is scaled linearly to 0.0025 (at 0.01 the loss of this
-    small set spikes once it is near zero, and the ReLUs die)."""
+    batches of 128; at batch 16 it is scaled linearly to 0.00125 (at 0.01 the loss of this
+    small set spikes once it is near zero, and the ReLUs die; at 0.0025, right for batches
+    of 32, batches of 16 end with a loss above the first steps').
+
+    64 steps of 16 (half the images of the 64 steps of 32 this run used to take): on five
+    seeds of data and run the validation error fell from chance (0.75) to 0.02-0.09 and
+    ended at 0.02-0.25, 10-crop eval 0.02-0.25, the last epoch's mean loss 0.21-0.57
+    against 1.40 for the first; test_learning.py asks for < 0.4, < 0.5, < 0.5 and lower."""
     base = tmp_path_factory.mktemp("learn")
     data = make_fake_data(base / "data", **LEARNABLE, progress=False)
     run_dir = base / "run"
-    cli("start", "--data", data, "--run-dir", run_dir, "--batch-size", 32, "--augmenters", 1, "--lr", 0.0025,
+    cli("start", "--data", data, "--run-dir", run_dir, "--batch-size", 16, "--augmenters", 1, "--lr", 0.00125,
         "--bias-init", "caffe", "--lr-patience", 2, "--max-epochs", LEARN_EPOCHS, "--log-every", 1,
         "--metrics-addr", f"127.0.0.1:{free_port()}", check=True)
     wait_exit(run_dir, timeout=1500)
