@@ -230,7 +230,7 @@ def test_data_parallel_equals_one_process_with_the_union_batch(prepared_data, ex
     u = 2^-53 instead of 2^-24: the same reorderings move weights 2^29 ≈ 5.4e8 times less,
     ~1e-15. Bound: the longest reduction is conv1's weight gradient, N = 16 x 55 x 55 =
     48,400 terms; two orders differ by at most 2·N·u·Σ|terms| ≈ 1.1e-11·Σ|terms|, and
-    after six steps of lr 0.01 with momentum the weights by a few times lr times that,
+    after five steps of lr 0.01 with momentum the weights by a few times lr times that,
     which stays far below 1e-9 for per-term gradients of size well below 1e2. A real
     fault (a rank on the wrong batches, gradients summed instead of averaged, a missed
     all-reduce) moves weights by lr·|g| >= 1e-6, three orders above the tolerance."""

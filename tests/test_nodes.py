@@ -13,7 +13,7 @@ from alexnetd.service.daemoncmds import launcher_defaults
 from alexnetd.service.history import read_history
 from daemon_helpers import EXACT_STEPS, cli, exact_args, free_port, holder, start_args, status, wait_exit, wait_for
 
-STEPS = EXACT_STEPS  # one epoch of 4 steps (64 images, 2 x 8 a step) and half of the next
+STEPS = EXACT_STEPS  # one epoch of 4 steps (64 images, 2 x 8 a step) and the first of the next
 
 
 def node_args(data, run_dir, node, rendezvous, config, *extra):
@@ -71,8 +71,10 @@ def test_a_killed_trainer_on_node_1_restarts_both_nodes_at_the_same_step(prepare
                                                                          undisturbed):
     dirs, rendezvous = start_two(prepared_data, tmp_path, "kill", exact_config)
     try:
-        # Past the epoch's checkpoint (step 4), so the restart resumes from it.
-        wait_for(lambda: (s := status(dirs[0])) and s["step"] >= 5, what="step 5")
+        # Once the epoch's checkpoint (step 4) is written, so the restart resumes from it:
+        # the kill lands in step 5, the run's last.
+        wait_for(lambda: (s := status(dirs[0])) and (s["checkpoint"] or {}).get("step", 0) >= 4,
+                 every=0.05, what="the checkpoint of step 4")
         victim = status(dirs[1])["processes"]["trainer"]
         os.kill(victim, signal.SIGKILL)
         wait_exit(dirs[0])
