@@ -76,10 +76,13 @@ class Context:
         self.cores = len(os.sched_getaffinity(0))
         if args.dry_run:  # tiny: every code path, seconds each
             self.batch, self.warmup, self.steps, self.seconds = 2, 1, 2, 0.0
-            self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 1.0, 180, 180
+            # No fixed window: it lasts until the next step anyway. Polled 10 times a second.
+            self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 0.0, 180, 180
+            self.daemon_poll_seconds = 0.1
         else:
             self.batch, self.warmup, self.steps, self.seconds = args.batch_size, 10, 30, 5.0
             self.daemon_seconds, self.daemon_start_timeout, self.tests_timeout = 20.0, 120, 90
+            self.daemon_poll_seconds = 0.5
         self.num_classes = 1000
         self.data = None
         self.name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -92,9 +95,15 @@ class Context:
         """Achieved FLOP/s, its share of the datasheet bf16 peak and its MFU (share of the
         measured bf16 matmul rate); None where that peak is not known."""
         achieved = self.flops * images_per_second
-        return {"tflops": round(achieved / 1e12, 3),
-                "share_of_bf16_peak": round(achieved / self.peak, 4) if self.peak else None,
-                "mfu": round(achieved / self.measured_peak, 4) if self.measured_peak else None}
+        return {"tflops": _figures(achieved / 1e12),
+                "share_of_bf16_peak": _figures(achieved / self.peak) if self.peak else None,
+                "mfu": _figures(achieved / self.measured_peak) if self.measured_peak else None}
+
+
+def _figures(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant figures: a slow CPU's 0.0066 TFLOP/s is not 0.007
+    (rounding to decimal places would make MFU disagree with tflops ÷ the peak's)."""
+    return float(f"{value:.{digits}g}")
 
 
 def markdown(report: dict) -> str:

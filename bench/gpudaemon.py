@@ -85,14 +85,14 @@ def run_daemon(ctx, decoder: str = "cpu", form: str | None = None, batch: int | 
         while (first := status())["step"] < ctx.warmup + 1:
             if time.monotonic() > deadline or first["state"] == "not running":
                 raise RuntimeError(f"the daemon did not take {ctx.warmup + 1} steps: state {first['state']}")
-            time.sleep(0.5)
+            time.sleep(ctx.daemon_poll_seconds)
         t0, s0 = time.monotonic(), first["step"]
         time.sleep(ctx.daemon_seconds)
         # A window without a step measures nothing (a slow CPU under --dry-run): it lasts
         # until the next step.
         deadline = time.monotonic() + ctx.daemon_start_timeout
         while (last := status())["step"] == s0 and last["state"] != "not running" and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(ctx.daemon_poll_seconds)
         t1, s1 = time.monotonic(), last["step"]
         if last["state"] == "not running":
             raise RuntimeError("the daemon stopped during the measurement")
