@@ -14,17 +14,18 @@ triangle is renormalised over the square's own pixels; the two differ by roundin
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["center_square"]
+__all__ = ["center_square", "center_square_into"]
 
-_torch = None
 _VECTORISED = ("AVX2", "AVX512")  # the CPU capabilities torch has its uint8 resize kernel for
 
 
+@functools.cache
 def _resampler():
     """torch where its vectorised kernel runs, else None (Pillow): imported on first use,
     since prepared shards never need it. Without AVX2 (an ARM host, an old x86) torch's
@@ -36,18 +37,14 @@ def _resampler():
     one does not make one image's resize faster, it only keeps another core busy
     (measured: the same time an image, twice the CPU). A process that already uses torch
     (the trainer) keeps its own setting."""
-    global _torch
-    if _torch is None:
-        fresh = "torch" not in sys.modules
-        import torch
+    fresh = "torch" not in sys.modules
+    import torch
 
-        if torch.backends.cpu.get_cpu_capability() not in _VECTORISED:
-            _torch = False
-        else:
-            if fresh:
-                torch.set_num_threads(1)
-            _torch = torch
-    return _torch or None
+    if torch.backends.cpu.get_cpu_capability() not in _VECTORISED:
+        return None
+    if fresh:
+        torch.set_num_threads(1)
+    return torch
 
 
 def center_square(image: np.ndarray, size: int) -> np.ndarray:
